@@ -1,0 +1,36 @@
+"""Wasserstein neurons and Sparse Expansion for llm-compressor and lm-evaluation-harness.
+
+Importing the package registers its llm-compressor modifiers by name, so a
+YAML recipe can say ``WassersteinSparseGPTModifier`` or
+``SparseExpansionModifier`` like a built-in.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from sparse_expansion_plugin.modifiers import MODIFIER_MODULES, register_modifiers
+
+__version__ = "0.1.0"
+
+# Public names -> defining module, imported on first use (torch/transformers-heavy).
+_LAZY: dict[str, str] = {
+    **MODIFIER_MODULES,
+    "load_model_and_tokenizer": "sparse_expansion_plugin.data.models",
+    "token_windows": "sparse_expansion_plugin.data.text",
+    "token_perplexity": "sparse_expansion_plugin.evaluation.perplexity",
+    "wd_to_gaussian": "sparse_expansion_plugin.metrics.wasserstein",
+    "mapping_difficulty": "sparse_expansion_plugin.metrics.mapping",
+}
+
+register_modifiers()
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparse_expansion_plugin' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -1,0 +1,1 @@
+"""Sub-commands of ``sparse-expansion``; each module has ``add_arguments`` and ``run``."""
