@@ -1,0 +1,236 @@
+"""SparseGPT as pure tensor functions: batched over experts, with per-row sparsity targets.
+
+Why our own solver: llm-compressor's ``sparsify_weight`` prunes one module with
+one Hessian and one sparsity for the whole layer. Sparse Expansion needs K
+pruned copies of a weight, one per cluster Hessian, solved as batched tensor
+ops; WD-aware SparseGPT needs a different number of zeros per output row. With
+a float ``sparsity`` and no batching, :func:`sparsegpt_prune` is a line-by-line
+mirror of llm-compressor 0.14.0.1's ``sgpt_sparsify.sparsify_weight`` (dead
+columns, dampening, Cholesky inverse, lazy block updates, per-block threshold,
+N:M rule), so it gives the same masks and the same weights to float tolerance;
+``tests/test_sparsegpt_solver.py`` checks that against the stock function.
+
+Shapes: ``E`` experts (batch), ``out`` rows, ``n`` input columns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SGPT_PRECISION = torch.float32
+"""Precision of Hessians and solves, as in llm-compressor."""
+
+MAX_DAMPENING_RETRIES = 6
+"""How many times an expert whose Hessian is not positive definite gets 10x more dampening."""
+
+
+def accumulate_hessian(inputs: Tensor, hessian: Tensor, num_samples: int) -> tuple[Tensor, int]:
+    """Add a batch of a Linear's inputs to its running Hessian ``H = 2/N * sum x x^T``.
+
+    Same convention as llm-compressor's ``accumulate_hessian`` for Linear
+    layers: ``num_samples`` counts *batch rows* (dataset samples), not tokens,
+    so ``H`` is ``2/num_samples * X^T X`` over all tokens seen so far.
+
+    inputs: ``[batch, seq, n]`` or ``[tokens, n]`` (a 2-D input is one sample).
+    hessian: ``[n, n]`` float32, updated in place and returned with the new count.
+    """
+    inputs = inputs.to(device=hessian.device)
+    if inputs.dim() == 2:
+        inputs = inputs.unsqueeze(0)
+    num_added = inputs.shape[0]
+    x = inputs.reshape(-1, inputs.shape[-1]).t()
+    hessian *= num_samples / (num_samples + num_added)
+    num_samples += num_added
+    x = math.sqrt(2 / num_samples) * x.to(dtype=SGPT_PRECISION)
+    hessian += x.matmul(x.t())
+    return hessian, num_samples
+
+
+def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor:
+    """Dampen ``H`` [E, n, n] in place and return ``chol(H^-1)`` upper [E, n, n], as the stock solver.
+
+    An expert whose Hessian is not positive definite is retried alone with 10x,
+    100x, ... the dampening (logged) instead of failing the whole layer; if that
+    never works it falls back to the identity, like llm-compressor does.
+    """
+    diag = torch.arange(hessian.shape[-1], device=hessian.device)
+    damp = dampening_frac * hessian.diagonal(dim1=-2, dim2=-1).mean(dim=-1)  # [E]
+    undamped = hessian.clone()
+    hessian[:, diag, diag] += damp[:, None]
+    chol, info = torch.linalg.cholesky_ex(hessian)
+    if bool((info == 0).all()):
+        inv = torch.cholesky_inverse(chol)
+        upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+        if bool((info == 0).all()):
+            return upper
+    # Slow path: solve experts one at a time, with more dampening for the failures.
+    out = torch.empty_like(hessian)
+    for e in range(hessian.shape[0]):
+        factor = 1.0
+        for attempt in range(MAX_DAMPENING_RETRIES + 1):
+            h = undamped[e].clone()
+            h[diag, diag] += factor * damp[e]
+            chol, info = torch.linalg.cholesky_ex(h)
+            if int(info) == 0:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0:
+                out[e] = upper
+                if attempt:
+                    logger.warning(
+                        "expert %d: Hessian not positive definite; solved with %.0fx dampening "
+                        "(dampening_frac %.3g)",
+                        e,
+                        factor,
+                        dampening_frac * factor,
+                    )
+                break
+            factor *= 10.0
+        else:
+            logger.warning(
+                "expert %d: Hessian not invertible even with %.0fx dampening; using the identity "
+                "(magnitude pruning) as llm-compressor does. Use more calibration samples.",
+                e,
+                factor / 10.0,
+            )
+            out[e] = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device)
+    return out
+
+
+def _rows_zero_counts(sparsity: Tensor, num_experts: int, num_rows: int, num_columns: int) -> Tensor:
+    """Per-row fractions ``[out]`` or ``[E, out]`` -> exact zero counts ``[E, out]`` int64."""
+    if sparsity.dim() == 1:
+        sparsity = sparsity.unsqueeze(0)
+    if sparsity.shape[-1] != num_rows or sparsity.shape[0] not in (1, num_experts) or sparsity.dim() != 2:
+        raise ValueError(
+            f"per-row sparsity must have shape [{num_rows}] or [{num_experts}, {num_rows}], "
+            f"got {tuple(sparsity.shape)}"
+        )
+    if bool(((sparsity < 0) | (sparsity >= 1)).any()) or not bool(torch.isfinite(sparsity).all()):
+        raise ValueError("per-row sparsity fractions must lie in [0, 1)")
+    counts = torch.round(sparsity.double() * num_columns).to(torch.int64)
+    return counts.expand(num_experts, num_rows).clone()
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    sparsity: float | Tensor = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Prune ``weight`` with SparseGPT given its input Hessian; return (pruned weight, keep mask).
+
+    weight: ``[out, n]`` (one weight for all experts) or ``[E, out, n]``.
+    hessian: ``[n, n]`` or ``[E, n, n]`` (as accumulated by :func:`accumulate_hessian`;
+        not modified). The E solves run as batched tensor ops.
+    sparsity: a float applies llm-compressor's rule exactly: in each block of
+        ``block_size`` columns, prune every weight whose saliency
+        ``w^2 / [H^-1]_cc^2`` is at most the ``int(numel * sparsity)``-th smallest
+        of the block (so ``int(numel*s)+1`` per block, ties aside). A tensor
+        ``[out]`` or ``[E, out]`` of per-row fractions gives row ``r`` exactly
+        ``round(frac_r * n)`` zeros, spread evenly over the blocks (cumulative
+        count through column ``c`` is ``floor(k_r * c / n)``) and chosen within
+        each block by the same saliency.
+    prune_n, prune_m: N:M structure as llm-compressor's ``mask_structure "N:M"``:
+        ``prune_n`` zeros in every group of ``prune_m`` consecutive columns
+        (``sparsity`` is then ignored, as upstream). ``0, 0`` is unstructured.
+    Returns ``(weight, keep)`` of shape ``[E, out, n]`` if ``weight`` or ``hessian``
+    is batched, else ``[out, n]``; ``weight`` keeps the input dtype, ``keep`` is bool.
+    """
+    batched = weight.dim() == 3 or hessian.dim() == 3
+    if weight.dim() not in (2, 3) or hessian.dim() not in (2, 3):
+        raise ValueError(
+            f"weight must be [out, n] or [E, out, n] and hessian [n, n] or [E, n, n]; "
+            f"got {tuple(weight.shape)} and {tuple(hessian.shape)}"
+        )
+    if (prune_n == 0) != (prune_m == 0) or prune_n < 0 or (prune_m and prune_n >= prune_m):
+        raise ValueError(f"N:M structure needs 0 < N < M (or 0:0 for unstructured), got {prune_n}:{prune_m}")
+    out_dtype = weight.dtype
+    W = weight.to(dtype=SGPT_PRECISION).clone()
+    H = hessian.to(device=W.device, dtype=SGPT_PRECISION).clone()
+    if W.dim() == 2:
+        W = W.unsqueeze(0)
+    if H.dim() == 2:
+        H = H.unsqueeze(0)
+    num_experts = max(W.shape[0], H.shape[0])
+    if W.shape[0] not in (1, num_experts) or H.shape[0] not in (1, num_experts):
+        raise ValueError(f"expert counts differ: weight {W.shape[0]}, hessian {H.shape[0]}")
+    W = W.expand(num_experts, -1, -1).clone()
+    H = H.expand(num_experts, -1, -1).clone()
+    _, num_rows, num_columns = W.shape
+    if H.shape[-1] != num_columns or H.shape[-2] != num_columns:
+        raise ValueError(f"hessian is {tuple(H.shape[-2:])} but weight has {num_columns} input columns")
+
+    row_counts = None
+    if isinstance(sparsity, Tensor):
+        if prune_n:
+            raise ValueError("per-row sparsity cannot be combined with N:M structure (N:M fixes every row)")
+        row_counts = _rows_zero_counts(sparsity.to(W.device), num_experts, num_rows, num_columns)
+    elif not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+
+    # Dead inputs (never active in calibration): weight irrelevant, Hessian made invertible.
+    diag = torch.arange(num_columns, device=W.device)
+    dead = H[:, diag, diag] == 0  # [E, n]
+    H[:, diag, diag] = torch.where(dead, torch.ones_like(H[:, diag, diag]), H[:, diag, diag])
+    W.masked_fill_(dead[:, None, :], 0.0)
+
+    Hinv = _upper_cholesky_of_inverse(H, dampening_frac)
+    del H
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+
+    for i1 in range(0, num_columns, block_size):
+        i2 = min(i1 + block_size, num_columns)
+        count = i2 - i1
+        W1 = W[:, :, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        hdiag1 = Hinv1.diagonal(dim1=-2, dim2=-1)  # [E, count]
+
+        if prune_n == 0:
+            saliency = W1**2 / hdiag1[:, None, :] ** 2
+            if row_counts is None:
+                flat = saliency.reshape(num_experts, -1)
+                thresh = torch.sort(flat, dim=1)[0][:, int(flat.shape[1] * float(sparsity))]
+                mask1 = saliency <= thresh[:, None, None]
+            else:
+                before = torch.div(row_counts * i1, num_columns, rounding_mode="floor")
+                upto = torch.div(row_counts * i2, num_columns, rounding_mode="floor")
+                order = torch.argsort(saliency, dim=-1, stable=True)
+                ranks = torch.arange(count, device=W.device).expand_as(order)
+                mask1 = torch.zeros_like(saliency, dtype=torch.bool)
+                mask1.scatter_(-1, order, ranks < (upto - before)[..., None])
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+
+        for i in range(count):
+            w = W1[:, :, i]
+            d = Hinv1[:, i, i]  # [E]
+            if prune_n != 0 and i % prune_m == 0:
+                group = W1[:, :, i : i + prune_m] ** 2 / hdiag1[:, None, i : i + prune_m] ** 2
+                mask1.scatter_(2, i + torch.topk(group, prune_n, dim=2, largest=False)[1], True)
+            q = w.clone()
+            q[mask1[:, :, i]] = 0
+            Q1[:, :, i] = q
+            err1 = (w - q) / d[:, None]
+            W1[:, :, i:] -= err1.unsqueeze(2).matmul(Hinv1[:, i : i + 1, i:])
+            Err1[:, :, i] = err1
+
+        W[:, :, i1:i2] = Q1
+        pruned[:, :, i1:i2] = mask1
+        W[:, :, i2:] -= Err1.matmul(Hinv[:, i1:i2, i2:])
+
+    keep = ~pruned
+    W = W.to(out_dtype)
+    if not batched:
+        return W[0], keep[0]
+    return W, keep

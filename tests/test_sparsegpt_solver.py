@@ -1,0 +1,164 @@
+"""Our SparseGPT solver against llm-compressor's own ``sparsify_weight`` (the reference)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
+    accumulate_hessian as stock_accumulate_hessian,
+)
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import (
+    make_empty_hessian,
+    sparsify_weight,
+)
+
+from sparse_expansion_plugin.pruning.sparsegpt import accumulate_hessian, sparsegpt_prune
+
+
+def _calibration(seed: int, n: int = 300, batches: int = 4, dead: int | None = 5) -> torch.Tensor:
+    """Inputs [batches, 40, n] with uneven column scales and (optionally) one dead column."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batches, 40, n, generator=g) * (0.1 + torch.rand(n, generator=g))
+    if dead is not None:
+        x[..., dead] = 0
+    return x
+
+
+def _stock_hessian(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    h, count = make_empty_hessian(linear), 0
+    for b in range(x.shape[0]):
+        h, count = stock_accumulate_hessian(x[b : b + 1], linear, h, count)
+    return h
+
+
+def _stock_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity, n=0, m=0, block=128) -> torch.Tensor:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.clone()
+    _, pruned = sparsify_weight(linear, {linear: hessian.clone()}, sparsity, n, m, block, 0.01, False)
+    return pruned
+
+
+def test_accumulate_hessian_matches_stock():
+    x = _calibration(0)
+    linear = torch.nn.Linear(300, 8)
+    h, count = torch.zeros(300, 300), 0
+    for b in range(x.shape[0]):
+        h, count = accumulate_hessian(x[b : b + 1], h, count)
+    ref = _stock_hessian(linear, x)
+    assert count == x.shape[0]
+    torch.testing.assert_close(h, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "n", "m", "block"),
+    [(0.5, 0, 0, 128), (0.7, 0, 0, 128), (0.3, 0, 0, 64), (0.0, 2, 4, 128), (0.0, 4, 8, 128)],
+)
+def test_float_sparsity_reproduces_stock(sparsity, n, m, block):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(300, 48)
+    hessian = _stock_hessian(linear, _calibration(1))
+    ref = _stock_prune(linear.weight.data, hessian, sparsity, n, m, block)
+    ours, keep = sparsegpt_prune(linear.weight.data, hessian, sparsity, n, m, block, 0.01)
+    assert torch.equal(keep, ref != 0)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_experts_equal_stock_one_at_a_time():
+    torch.manual_seed(2)
+    experts = 3
+    weights = torch.randn(experts, 40, 200)
+    hessians = torch.stack(
+        [
+            _stock_hessian(torch.nn.Linear(200, 40), _calibration(10 + e, n=200, dead=e))
+            for e in range(experts)
+        ]
+    )
+    ours, keep = sparsegpt_prune(weights, hessians, 0.6, block_size=64)
+    assert ours.shape == keep.shape == (experts, 40, 200)
+    for e in range(experts):
+        ref = _stock_prune(weights[e], hessians[e], 0.6, block=64)
+        assert torch.equal(keep[e], ref != 0)
+        torch.testing.assert_close(ours[e], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_weight_with_expert_hessians_is_batched():
+    torch.manual_seed(3)
+    weight = torch.randn(16, 64)
+    hessians = torch.stack(
+        [_stock_hessian(torch.nn.Linear(64, 16), _calibration(20 + e, n=64)) for e in range(2)]
+    )
+    ours, keep = sparsegpt_prune(weight, hessians, 0.5, prune_n=2, prune_m=4)
+    assert ours.shape == (2, 16, 64)
+    for e in range(2):
+        torch.testing.assert_close(
+            ours[e], _stock_prune(weight, hessians[e], 0.5, 2, 4), rtol=1e-4, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
+def test_nm_pattern_is_exact(n, m):
+    torch.manual_seed(4)
+    weight = torch.randn(3, 24, 96)
+    hessians = torch.stack(
+        [_stock_hessian(torch.nn.Linear(96, 24), _calibration(30 + e, n=96)) for e in range(3)]
+    )
+    ours, keep = sparsegpt_prune(weight, hessians, prune_n=n, prune_m=m)
+    zeros_per_group = (~keep).reshape(3, 24, 96 // m, m).sum(-1)
+    assert bool((zeros_per_group == n).all())
+    assert bool((ours[~keep] == 0).all())
+
+
+def test_per_row_fractions_give_exact_row_counts_and_reconstruct():
+    torch.manual_seed(5)
+    x = _calibration(5, n=256, dead=None)
+    weight = torch.randn(32, 256)
+    hessian = _stock_hessian(torch.nn.Linear(256, 32), x)
+    fractions = torch.linspace(0.2, 0.8, 32)
+    ours, keep = sparsegpt_prune(weight, hessian, fractions, block_size=64)
+    expected = torch.round(fractions.double() * 256).long()
+    assert torch.equal((~keep).sum(1), expected)
+    assert torch.equal((ours == 0).sum(1), expected)
+    # The OBS update must reconstruct the layer output better than zeroing the same mask.
+    flat = x.reshape(-1, 256)
+    err_update = ((flat @ (ours - weight).T) ** 2).sum()
+    err_zero = ((flat @ (weight * keep - weight).T) ** 2).sum()
+    assert err_update < 0.8 * err_zero
+
+
+def test_per_row_fractions_per_expert():
+    torch.manual_seed(6)
+    weights = torch.randn(2, 8, 64)
+    hessian = _stock_hessian(torch.nn.Linear(64, 8), _calibration(6, n=64, dead=None))
+    fractions = torch.rand(2, 8) * 0.9
+    _, keep = sparsegpt_prune(weights, hessian, fractions)
+    assert torch.equal((~keep).sum(-1), torch.round(fractions.double() * 64).long())
+
+
+def test_non_positive_definite_expert_is_dampened_not_fatal(caplog):
+    torch.manual_seed(7)
+    weight = torch.randn(8, 32)
+    good = _stock_hessian(torch.nn.Linear(32, 8), _calibration(7, n=32, dead=None))
+    bad = -torch.eye(32) * 0.01 + torch.diag(torch.full((32,), 1e-4))
+    with caplog.at_level(logging.WARNING):
+        ours, keep = sparsegpt_prune(weight, torch.stack([good, bad]), 0.5)
+    assert "expert 1" in caplog.text
+    torch.testing.assert_close(ours[0], _stock_prune(weight, good, 0.5), rtol=1e-4, atol=1e-5)
+    assert bool(torch.isfinite(ours[1]).all())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.0}, r"\[0, 1\)"),
+        ({"sparsity": -0.1}, r"\[0, 1\)"),
+        ({"prune_n": 4, "prune_m": 4}, "0 < N < M"),
+        ({"prune_n": 2, "prune_m": 0}, "0 < N < M"),
+        ({"sparsity": torch.full((8,), 0.5), "prune_n": 2, "prune_m": 4}, "N:M"),
+        ({"sparsity": torch.full((7,), 0.5)}, "shape"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sparsegpt_prune(torch.randn(8, 16), torch.eye(16), **kwargs)
