@@ -1,0 +1,1 @@
+"""Pure functions of Sparse Expansion: clustering calibration inputs, per-cluster Hessians."""
