@@ -13,7 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 128):
+def make_tiny_llama(
+    seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 128
+):
     """A random LlamaForCausalLM small enough for unit tests (not for quality claims)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

