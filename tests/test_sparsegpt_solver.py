@@ -162,3 +162,40 @@ def test_non_positive_definite_expert_is_dampened_not_fatal(caplog):
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sparsegpt_prune(torch.randn(8, 16), torch.eye(16), **kwargs)
+
+
+def _layer(seed: int, rows: int = 32, n: int = 256):
+    torch.manual_seed(seed)
+    weight = torch.randn(rows, n)
+    return weight, _stock_hessian(torch.nn.Linear(n, rows), _calibration(seed, n=n, dead=None))
+
+
+def test_unit_row_weight_is_stock_and_heavy_rows_lose_fewer_weights():
+    weight, hessian = _layer(8)
+    ref = _stock_prune(weight, hessian, 0.6)
+    same, keep_same = sparsegpt_prune(weight, hessian, 0.6, row_weight=torch.ones(32))
+    assert torch.equal(keep_same, ref != 0)
+    heavy = torch.ones(32)
+    heavy[:8] = 4.0
+    _, keep = sparsegpt_prune(weight, hessian, 0.6, row_weight=heavy)
+    zeros_ref, zeros = (ref == 0).sum(1), (~keep).sum(1)
+    assert zeros.sum() == zeros_ref.sum()  # same count in every block, so the same total
+    assert zeros[:8].sum() < zeros_ref[:8].sum() and zeros[8:].sum() > zeros_ref[8:].sum()
+
+
+def test_num_zeros_is_exact_per_expert():
+    weight, hessian = _layer(9)
+    targets = torch.tensor([0, 1, 4000, 8191])
+    _, keep = sparsegpt_prune(weight.expand(4, -1, -1), hessian, num_zeros=targets, block_size=100)
+    assert torch.equal((~keep).reshape(4, -1).sum(1), targets)
+
+
+def test_column_weight_steers_nm_choice_and_keeps_pattern():
+    weight, hessian = _layer(10, n=64)
+    protect = torch.ones(64)
+    protect[::4] = 1e6  # the first column of every group of 4 is made precious
+    _, keep = sparsegpt_prune(weight, hessian, prune_n=2, prune_m=4, column_weight=protect)
+    assert bool(((~keep).reshape(32, 16, 4).sum(-1) == 2).all())
+    assert bool(keep[:, ::4].all())
+    _, keep_ref = sparsegpt_prune(weight, hessian, prune_n=2, prune_m=4)
+    assert not bool(keep_ref[:, ::4].all())

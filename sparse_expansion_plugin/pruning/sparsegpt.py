@@ -117,6 +117,22 @@ def _rows_zero_counts(sparsity: Tensor, num_experts: int, num_rows: int, num_col
     return counts.expand(num_experts, num_rows).clone()
 
 
+def _weights(weight: Tensor | None, num_experts: int, size: int, name: str, like: Tensor) -> Tensor | None:
+    """Validate positive per-row/column factors ``[size]`` or ``[E, size]`` -> ``[E, size, 1]``."""
+    if weight is None:
+        return None
+    weight = weight.to(device=like.device, dtype=like.dtype)
+    if weight.dim() == 1:
+        weight = weight.unsqueeze(0)
+    if weight.dim() != 2 or weight.shape[1] != size or weight.shape[0] not in (1, num_experts):
+        raise ValueError(
+            f"{name} must have shape [{size}] or [{num_experts}, {size}], got {tuple(weight.shape)}"
+        )
+    if not bool((weight > 0).all()) or not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name} must be finite and positive")
+    return weight.expand(num_experts, size).unsqueeze(-1)
+
+
 def sparsegpt_prune(
     weight: Tensor,
     hessian: Tensor,
@@ -125,6 +141,10 @@ def sparsegpt_prune(
     prune_m: int = 0,
     block_size: int = 128,
     dampening_frac: float = 0.01,
+    *,
+    row_weight: Tensor | None = None,
+    column_weight: Tensor | None = None,
+    num_zeros: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` with SparseGPT given its input Hessian; return (pruned weight, keep mask).
 
@@ -142,6 +162,18 @@ def sparsegpt_prune(
     prune_n, prune_m: N:M structure as llm-compressor's ``mask_structure "N:M"``:
         ``prune_n`` zeros in every group of ``prune_m`` consecutive columns
         (``sparsity`` is then ignored, as upstream). ``0, 0`` is unstructured.
+    row_weight: ``[out]`` or ``[E, out]`` positive factors on each row's saliency
+        (keyword only). The mask then minimises the *weighted* output error
+        ``sum_r row_weight_r * ||dy_r||^2``: the OBS update of a row does not
+        depend on its weight, only which weights of a block are pruned does, so
+        heavier rows lose fewer weights while each block still loses exactly the
+        stock count. No effect on per-row fractions or N:M (both fix each row).
+    column_weight: ``[n]`` or ``[E, n]`` positive factors on each input column's
+        saliency; with N:M this decides which weights survive in each group.
+    num_zeros: ``int`` or ``[E]`` exact number of zeros per expert, used instead
+        of a float ``sparsity``: spread over the blocks by column count
+        (cumulative ``floor(K * c / n)``) and chosen in each block by the stock
+        block-wide saliency rule. Lets a caller hit an exact total.
     Returns ``(weight, keep)`` of shape ``[E, out, n]`` if ``weight`` or ``hessian``
     is batched, else ``[out, n]``; ``weight`` keeps the input dtype, ``keep`` is bool.
     """
@@ -170,11 +202,21 @@ def sparsegpt_prune(
         raise ValueError(f"hessian is {tuple(H.shape[-2:])} but weight has {num_columns} input columns")
 
     row_counts = None
+    zeros_total = None
+    if num_zeros is not None:
+        if prune_n or isinstance(sparsity, Tensor):
+            raise ValueError(
+                "num_zeros replaces a float sparsity; it cannot be combined with N:M or per-row fractions"
+            )
+        zeros_total = torch.as_tensor(num_zeros, dtype=torch.int64, device=W.device).reshape(-1)
+        zeros_total = zeros_total.expand(num_experts).clone()
+        if bool(((zeros_total < 0) | (zeros_total > num_rows * num_columns)).any()):
+            raise ValueError(f"num_zeros must lie in [0, {num_rows * num_columns}], got {num_zeros}")
     if isinstance(sparsity, Tensor):
         if prune_n:
             raise ValueError("per-row sparsity cannot be combined with N:M structure (N:M fixes every row)")
         row_counts = _rows_zero_counts(sparsity.to(W.device), num_experts, num_rows, num_columns)
-    elif not 0.0 <= float(sparsity) < 1.0:
+    elif zeros_total is None and not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
 
     # Dead inputs (never active in calibration): weight irrelevant, Hessian made invertible.
@@ -182,6 +224,11 @@ def sparsegpt_prune(
     dead = H[:, diag, diag] == 0  # [E, n]
     H[:, diag, diag] = torch.where(dead, torch.ones_like(H[:, diag, diag]), H[:, diag, diag])
     W.masked_fill_(dead[:, None, :], 0.0)
+
+    row_w = _weights(row_weight, num_experts, num_rows, "row_weight", W)  # [E, out, 1] or None
+    col_w = _weights(column_weight, num_experts, num_columns, "column_weight", W)  # [E, n, 1] or None
+    if col_w is not None:
+        col_w = col_w.transpose(1, 2)  # [E, 1, n]
 
     Hinv = _upper_cholesky_of_inverse(H, dampening_frac)
     del H
@@ -198,7 +245,19 @@ def sparsegpt_prune(
 
         if prune_n == 0:
             saliency = W1**2 / hdiag1[:, None, :] ** 2
-            if row_counts is None:
+            if row_w is not None:
+                saliency = saliency * row_w
+            if col_w is not None:
+                saliency = saliency * col_w[:, :, i1:i2]
+            if zeros_total is not None:
+                k = torch.div(zeros_total * i2, num_columns, rounding_mode="floor") - torch.div(
+                    zeros_total * i1, num_columns, rounding_mode="floor"
+                )
+                flat = saliency.reshape(num_experts, -1)
+                sorted_flat = torch.sort(flat, dim=1)[0]
+                thresh = sorted_flat.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0]
+                mask1 = (saliency <= thresh[:, None, None]) & (k > 0)[:, None, None]
+            elif row_counts is None:
                 flat = saliency.reshape(num_experts, -1)
                 thresh = torch.sort(flat, dim=1)[0][:, int(flat.shape[1] * float(sparsity))]
                 mask1 = saliency <= thresh[:, None, None]
@@ -217,6 +276,8 @@ def sparsegpt_prune(
             d = Hinv1[:, i, i]  # [E]
             if prune_n != 0 and i % prune_m == 0:
                 group = W1[:, :, i : i + prune_m] ** 2 / hdiag1[:, None, i : i + prune_m] ** 2
+                if col_w is not None:
+                    group = group * col_w[:, :, i1 + i : i1 + i + prune_m]
                 mask1.scatter_(2, i + torch.topk(group, prune_n, dim=2, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, :, i]] = 0
