@@ -84,7 +84,9 @@ def fit_router(
         n_clusters=num_experts, n_init=kmeans_n_init, max_iter=kmeans_max_iter, random_state=seed
     ).fit(pca.transform(x))
     router = ExpertRouter.from_pca_kmeans(
-        torch.from_numpy(pca.mean_), torch.from_numpy(pca.components_), torch.from_numpy(kmeans.cluster_centers_)
+        torch.from_numpy(pca.mean_),
+        torch.from_numpy(pca.components_),
+        torch.from_numpy(kmeans.cluster_centers_),
     )
     assignment = router.scores(data).argmax(dim=1)
     return FittedRouter(router, assignment, pca, kmeans)

@@ -47,7 +47,10 @@ class ClusterHessians:
 
 
 def cluster_hessians(
-    batches: list[Tensor], assignments: list[Tensor], num_experts: int, device: torch.device | str | None = None
+    batches: list[Tensor],
+    assignments: list[Tensor],
+    num_experts: int,
+    device: torch.device | str | None = None,
 ) -> ClusterHessians:
     """Accumulate the Hessian of every cluster and the global one in one pass over the batches.
 
@@ -103,7 +106,9 @@ def regularized_hessians(
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"hessian_shrinkage must lie in [0, 1], got {shrinkage}")
     if small_cluster_rule not in SMALL_CLUSTER_RULES:
-        raise ValueError(f"small_cluster_rule must be one of {SMALL_CLUSTER_RULES}, got {small_cluster_rule!r}")
+        raise ValueError(
+            f"small_cluster_rule must be one of {SMALL_CLUSTER_RULES}, got {small_cluster_rule!r}"
+        )
     num_experts = stats.hessians.shape[0]
     out = stats.hessians.clone()
     notes: list[str] = []
@@ -119,7 +124,11 @@ def regularized_hessians(
                 out[k] = global_mean
                 notes.append(f"expert {k}: {count} tokens < {min_cluster_tokens}, using the global Hessian")
                 continue
-            mean = stats.per_token(k) if shrinkage <= 0 else (1 - shrinkage) * stats.per_token(k) + shrinkage * global_mean
+            mean = (
+                stats.per_token(k)
+                if shrinkage <= 0
+                else (1 - shrinkage) * stats.per_token(k) + shrinkage * global_mean
+            )
             extra = small_cluster_dampening * mean.diagonal().mean()
             out[k] = mean + extra * torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
             notes.append(

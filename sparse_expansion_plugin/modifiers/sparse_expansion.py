@@ -174,7 +174,9 @@ class SparseExpansionModifier(Modifier):
     def _check_mask(cls, value: str) -> str:
         match = re.fullmatch(r"(\d+):(\d+)", value.strip())
         if not match:
-            raise ValueError(f"mask_structure must look like 'N:M' (e.g. '2:4', or '0:0' for none), got {value!r}")
+            raise ValueError(
+                f"mask_structure must look like 'N:M' (e.g. '2:4', or '0:0' for none), got {value!r}"
+            )
         n, m = int(match.group(1)), int(match.group(2))
         if (n == 0) != (m == 0) or (m and n >= m):
             raise ValueError(f"mask_structure needs 0 < N < M (or '0:0'), got {value!r}")
