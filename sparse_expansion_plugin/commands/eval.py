@@ -1,0 +1,175 @@
+"""``sparse-expansion eval MODEL_OR_DIR``: token perplexity over fixed windows, per text source.
+
+The short path to the number papers quote, with no lm-eval in the way:
+``token_windows`` of the bundled evaluation text scored by ``token_perplexity``.
+The lm-eval task ``sparse_expansion_token_perplexity`` scores the same windows
+and gives the same number (tested to 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model", metavar="MODEL_OR_DIR", help="smollm2-135m (embedded default), a saved dir, or a hub name"
+    )
+    parser.add_argument(
+        "--windows", type=int, default=None, help="number of windows (default: every full window)"
+    )
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument(
+        "--sources",
+        default="python_docs,jargon_file",
+        help="comma-separated text sources (default: both bundled ones)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="also write the results to this JSON file"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def load_for_eval(name_or_dir: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer) of a dense, pruned or expanded model, ready for ``token_perplexity``."""
+    from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
+    from sparse_expansion_plugin.evaluation.lm_eval_model import (
+        check_model_dir,
+        expanded_loader,
+        is_expanded,
+    )
+
+    path = resolve_model_path(name_or_dir)
+    check_model_dir(path)
+    if not is_expanded(path):
+        return load_model_and_tokenizer(path, dtype=dtype, device=device)
+    from transformers import AutoTokenizer
+
+    model = expanded_loader()(path, device=device, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def window_sources(tokenizer, windows: torch.Tensor, sources: tuple[str, ...]) -> list[str]:
+    """Which source each row of ``windows [n, L]`` was cut from (rows are matched, not recomputed by index)."""
+    from sparse_expansion_plugin.data.text import token_windows
+
+    owner: dict[tuple[int, ...], str] = {}
+    for source in sources:
+        for row in token_windows(tokenizer, "evaluation", windows.shape[1], None, (source,)).tolist():
+            owner.setdefault(tuple(row), source)
+    return [owner[tuple(row)] for row in windows.tolist()]
+
+
+def perplexity_table(
+    model, tokenizer, seq_len: int, num_windows: int | None, sources: tuple[str, ...], batch_size: int
+):
+    """Rows ``{source, windows, predicted_tokens, token_perplexity}`` per source, then ``all``."""
+    from sparse_expansion_plugin.data.text import token_windows
+    from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
+
+    windows = token_windows(tokenizer, "evaluation", seq_len, num_windows, sources)
+    labels = window_sources(tokenizer, windows, sources) if len(sources) > 1 else [sources[0]] * len(windows)
+    rows = []
+    for source in sources:
+        mask = torch.tensor([label == source for label in labels])
+        if mask.any():
+            ppl = token_perplexity(model, windows[mask], batch_size)
+            rows.append(
+                {
+                    "source": source,
+                    "windows": int(mask.sum()),
+                    "predicted_tokens": int(mask.sum()) * (seq_len - 1),
+                    "token_perplexity": ppl,
+                }
+            )
+    total = sum(r["predicted_tokens"] for r in rows)
+    # exp of the token-weighted mean log-perplexity == token_perplexity over all windows at once.
+    overall = math.exp(sum(r["predicted_tokens"] * math.log(r["token_perplexity"]) for r in rows) / total)
+    rows.append(
+        {"source": "all", "windows": len(windows), "predicted_tokens": total, "token_perplexity": overall}
+    )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'source':<14}{'windows':>9}{'tokens':>10}{'token_ppl':>12}"]
+    lines += [
+        f"{r['source']:<14}{r['windows']:>9}{r['predicted_tokens']:>10}{r['token_perplexity']:>12.4f}"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def write_json_atomically(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside ``path`` and rename, so no half-written file is ever left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
+    from sparse_expansion_plugin.evaluation.task_docs import parse_sources
+
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{args.json} exists; pass --overwrite to replace it or choose another --json path"
+        )
+    sources = parse_sources(args.sources)
+    unknown = [s for s in sources if s not in SOURCES and s not in HUB_DATASETS]
+    if unknown:
+        raise ValueError(
+            f"unknown text source(s) {unknown}; choose from {', '.join(SOURCES + tuple(HUB_DATASETS))}"
+        )
+    if args.seq_len < 2 or args.batch_size < 1 or (args.windows is not None and args.windows < 1):
+        raise ValueError("--seq-len must be >= 2, --batch-size >= 1 and --windows >= 1")
+    start = time.perf_counter()
+    model, tokenizer = load_for_eval(args.model, DTYPES[args.dtype], args.device)
+    logger.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
+    start = time.perf_counter()
+    rows = perplexity_table(model, tokenizer, args.seq_len, args.windows, sources, args.batch_size)
+    seconds = time.perf_counter() - start
+    print(f"token perplexity of {args.model} over {args.seq_len}-token windows of the evaluation text")
+    print(format_table(rows))
+    logger.info(
+        "scored %d tokens in %.1f s (%.0f tokens/s)",
+        rows[-1]["predicted_tokens"],
+        seconds,
+        rows[-1]["predicted_tokens"] / seconds,
+    )
+    if args.json is not None:
+        payload = {
+            "model": args.model,
+            "seq_len": args.seq_len,
+            "sources": list(sources),
+            "seconds": seconds,
+            "rows": rows,
+        }
+        write_json_atomically(args.json, payload)
+        logger.info("wrote %s", args.json)
+    return 0
