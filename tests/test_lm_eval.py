@@ -233,3 +233,68 @@ def test_dir_without_weights_is_a_clear_error(tmp_path, tiny_dir):
     (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="holds no weights"):
         SparseExpansionLM(pretrained=str(tmp_path), device="cpu")
+
+
+# --------------------------------------------------------------------------- expanded models
+
+
+def expand_tiny(model: torch.nn.Module, num_experts: int = 2, seed: int = 0) -> torch.nn.Module:
+    """Give every MLP random routers and K half-pruned experts per linear (built with the modeling API)."""
+    from sparse_expansion_plugin.modeling.expanded import ExpandedLinear
+    from sparse_expansion_plugin.modeling.router import ExpertRouter
+
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        routers = {}
+        for leaf in ("gate_proj", "down_proj"):
+            router = ExpertRouter(getattr(mlp, leaf).in_features, num_experts)
+            router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
+            setattr(mlp, f"se_router_{leaf}", router)
+            routers[leaf] = router
+        for leaf, router in (
+            ("gate_proj", routers["gate_proj"]),
+            ("up_proj", routers["gate_proj"]),
+            ("down_proj", routers["down_proj"]),
+        ):
+            weight = getattr(mlp, leaf).weight.data
+            experts = torch.stack(
+                [weight * (torch.rand(weight.shape, generator=gen) > 0.5) for _ in range(num_experts)]
+            )
+            setattr(mlp, leaf, ExpandedLinear.from_experts(experts, router))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def expanded(tmp_path_factory, tokenizer):
+    """(directory written by save_expanded, the in-memory expanded model it holds)."""
+    from sparse_expansion_plugin.modeling.save_load import save_expanded
+
+    model = make_tiny_llama(seed=2, vocab=len(tokenizer))
+    model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model.config.pad_token_id = None
+    expand_tiny(model)
+    path = save_expanded(model, tokenizer, tmp_path_factory.mktemp("expanded") / "model")
+    return path, model
+
+
+def test_wrapper_loads_an_expanded_dir_without_remote_code(expanded):
+    from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM
+    from sparse_expansion_plugin.modeling.expanded import expanded_linears
+
+    path, model = expanded
+    lm = SparseExpansionLM(pretrained=str(path), device="cpu", trust_remote_code=False)
+    assert len(expanded_linears(lm.model)) == len(expanded_linears(model)) == 6
+    ids = torch.tensor([[1, 500, 900, 33, 7, 4000]])
+    with torch.no_grad():
+        assert torch.allclose(lm._model_call(ids), model(ids).logits, atol=1e-5)
+
+
+def test_token_task_on_an_expanded_dir_ours_and_stock_hf_remote_code(expanded, tokenizer):
+    path, model = expanded
+    expected = token_perplexity(model, token_windows(tokenizer, "evaluation", SEQ_LEN, WINDOWS), batch_size=5)
+    meta = {"seq_len": SEQ_LEN, "num_windows": WINDOWS}
+    ours = evaluate("sparse-expansion", {"pretrained": str(path)}, [TOKEN_TASK], meta)
+    stock = evaluate("hf", {"pretrained": str(path), "trust_remote_code": True}, [TOKEN_TASK], meta)
+    assert ours[TOKEN_TASK]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
+    assert stock[TOKEN_TASK]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
