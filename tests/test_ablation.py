@@ -291,6 +291,21 @@ def test_pre_post_activations_use_the_models_activation():
     torch.testing.assert_close(post, pre * torch.sigmoid(pre))  # SiLU written out
 
 
+def test_wd_scores_match_exact_wd_of_full_capture():
+    from sparse_expansion_plugin.metrics.wasserstein import wd_exact
+
+    pytest.importorskip("sparse_expansion_plugin.analysis.capture")
+    from sparse_expansion_plugin.analysis.ablation import wd_scores
+
+    model = make_tiny_llama()
+    ids = windows(4, 32)
+    scores = wd_scores(model, ids, batch_size=2)
+    assert list(scores) == ablation_targets(model)
+    for name, wd in scores.items():
+        full = record_outputs(model, name, ids).reshape(-1, 64)
+        torch.testing.assert_close(wd, wd_exact(full.double()), atol=0.02, rtol=0)
+
+
 # --- the command ------------------------------------------------------------------------------
 
 

@@ -333,7 +333,9 @@ def wd_scores(
     from sparse_expansion_plugin.analysis.capture import collect_neuron_statistics
 
     names = list(targets) if targets is not None else ablation_targets(model)
-    stats = collect_neuron_statistics(model, windows, names, batch_size=batch_size)
+    # MD comes along with the capture; keep its pair sample within what short texts hold.
+    num_pairs = max(1, min(1000, windows.numel() // 2))
+    stats = collect_neuron_statistics(model, windows, names, batch_size=batch_size, num_pairs=num_pairs)
     return {name: stats[name].wd.detach().double().cpu() for name in names}
 
 
