@@ -72,9 +72,10 @@ class ExpertRouter(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # model.to(bfloat16) casts floating buffers: keep ours in float32, only move them.
+        weight, bias = self.weight, self.bias
         super()._apply(fn, recurse)
-        self.weight = self.weight.float()
-        self.bias = self.bias.float()
+        self.weight = weight.to(device=self.weight.device, dtype=torch.float32)
+        self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
         self._cache = None
         return self
 

@@ -1,0 +1,218 @@
+"""SparseExpansionModifier through llm-compressor's oneshot on a tiny random Llama.
+
+References: stock ``SparseGPTModifier`` (num_experts 1 must equal it), the
+definition of N:M / sparsity on each expert's keep mask, and the same model run
+one sequence at a time (batching and padding must not change a token's output).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from conftest import make_tiny_llama
+from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, expanded_linears, is_expanded
+from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+
+VOCAB = 128
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("sparse_expansion_*.yaml"))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over t0..t127, built offline (oneshot insists on one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="t3", pad_token="t0", bos_token="t1", eos_token="t2"
+    )
+
+
+def calibration(num: int = 16, length: int = 32, seed: int = 0) -> Dataset:
+    ids = torch.randint(3, VOCAB, (num, length), generator=torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * num})
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny_llama(layers=2, hidden=32, intermediate=64, vocab=VOCAB).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def compress(path: Path, recipe, num: int = 16, length: int = 32):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(0)  # oneshot's RandomSampler shuffles calibration samples with torch's global RNG
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=calibration(num, length),
+        recipe=recipe,
+        num_calibration_samples=num,
+        max_seq_length=length,
+    )
+    return model.eval()
+
+
+MLP = [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+@pytest.fixture(scope="module")
+def expanded4(tiny_dir):
+    return compress(tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)])
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_dir):
+    return compress(tiny_dir, [SparseGPTModifier(sparsity=0.5, targets=[r"re:.*mlp\.(gate|up|down)_proj$"])])
+
+
+def test_one_expert_equals_stock_sparsegpt(tiny_dir, stock):
+    ours = compress(tiny_dir, [SparseExpansionModifier(num_experts=1, sparsity=0.5)])
+    for name in MLP:
+        reference = stock.get_submodule(name).weight.detach()
+        layer = ours.get_submodule(name)
+        assert isinstance(layer, ExpandedLinear) and layer.num_experts == 1
+        assert torch.equal(layer.expert_keep_mask(0), reference != 0), name
+        torch.testing.assert_close(layer.expert_weight(0), reference, rtol=1e-5, atol=1e-6)
+    ids = torch.tensor(calibration(2, 16, seed=5)["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_every_expert_meets_its_sparsity(expanded4):
+    layers = expanded_linears(expanded4)
+    assert sorted(layers) == sorted(MLP)
+    for name, layer in layers.items():
+        assert layer.num_experts == 4
+        for k in range(4):
+            keep = layer.expert_keep_mask(k)
+            weight = layer.expert_weight(k)
+            assert not bool(weight[~keep].any())
+            # llm-compressor's rule: int(numel * s) + 1 zeros per 128-column block, ties aside
+            zeros = (~keep).sum().item()
+            blocks = -(-layer.in_features // 128)
+            assert int(keep.numel() * 0.5) <= zeros <= int(keep.numel() * 0.5) + blocks, name
+    # gate and up share one router, down has its own; all live on the MLP block
+    mlp = expanded4.model.layers[0].mlp
+    assert mlp.gate_proj.router is mlp.up_proj.router is mlp.se_router_gate_proj
+    assert mlp.down_proj.router is mlp.se_router_down_proj
+    assert mlp.se_router_down_proj.in_features == 64
+
+
+def test_experts_differ_and_routing_uses_them(expanded4):
+    layer = expanded4.model.layers[1].mlp.down_proj
+    assert not torch.equal(layer.expert_keep_mask(0), layer.expert_keep_mask(1))
+    ids = torch.tensor(calibration(4, 32, seed=9)["input_ids"])
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, o: seen.append(m.router(a[0]).counts))
+    with torch.no_grad():
+        expanded4(ids)
+    handle.remove()
+    assert sum(c > 0 for c in seen[0]) >= 2
+
+
+def test_batched_padded_equals_one_at_a_time(expanded4):
+    ids = torch.tensor(calibration(3, 20, seed=11)["input_ids"])
+    lengths = [20, 13, 7]
+    with torch.no_grad():
+        singles = [expanded4(ids[i : i + 1, :n]).logits[0] for i, n in enumerate(lengths)]
+        padded = ids.clone()
+        mask = torch.zeros_like(ids)
+        for i, n in enumerate(lengths):  # right padding
+            padded[i, n:] = 0
+            mask[i, :n] = 1
+        batched = expanded4(input_ids=padded, attention_mask=mask).logits
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(batched[i, :n], singles[i], rtol=1e-4, atol=1e-5)
+
+
+def test_generate_with_kv_cache_matches_full_recompute(expanded4):
+    prompt = torch.tensor(calibration(1, 6, seed=3)["input_ids"])
+    with torch.no_grad():
+        out = expanded4.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
+        nocache = expanded4.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+    assert torch.equal(out, nocache)
+
+
+def test_same_seed_same_model_and_down_calibration_modes(tiny_dir, expanded4):
+    again = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)])
+    for name, layer in expanded_linears(expanded4).items():
+        other = again.get_submodule(name)
+        assert torch.equal(layer.values, other.values) and torch.equal(layer.mask, other.mask)
+        assert torch.equal(layer.router.weight, other.router.weight)
+    expanded = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, down_calibration="expanded")])
+    first = expanded.model.layers[0].mlp
+    # gate/up are fitted on the same inputs either way; down sees different (expanded) inputs
+    assert torch.equal(first.gate_proj.values, expanded4.model.layers[0].mlp.gate_proj.values)
+    assert not torch.equal(first.down_proj.router.weight, expanded4.model.layers[0].mlp.down_proj.router.weight)
+
+
+def test_small_cluster_rules_are_applied_and_logged(tiny_dir, caplog):
+    caplog.set_level(logging.INFO, logger="sparse_expansion_plugin")
+    merged = compress(
+        tiny_dir, [SparseExpansionModifier(num_experts=8, min_cluster_tokens=100, small_cluster_rule="merge")]
+    )
+    assert "merged cluster of" in caplog.text
+    counts = [layer.num_experts for layer in expanded_linears(merged).values()]
+    assert max(counts) < 8 and min(counts) >= 1
+    caplog.clear()
+    compress(tiny_dir, [SparseExpansionModifier(num_experts=8, min_cluster_tokens=60, small_cluster_rule="global")])
+    assert "using the global Hessian" in caplog.text
+
+
+def test_global_rule_for_every_cluster_equals_stock_weights(tiny_dir, stock):
+    """An impossible minimum size sends every expert to the global Hessian: all experts are stock SparseGPT."""
+    ours = compress(tiny_dir, [SparseExpansionModifier(num_experts=3, min_cluster_tokens=10**6)])
+    for name in MLP:
+        layer = ours.get_submodule(name)
+        reference = stock.get_submodule(name).weight.detach()
+        for k in range(3):
+            assert torch.equal(layer.expert_keep_mask(k), reference != 0), name
+            torch.testing.assert_close(layer.expert_weight(k), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_fail_clearly(tiny_dir):
+    with pytest.raises(ValueError, match="sparsity must lie in"):
+        SparseExpansionModifier(sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity must lie in"):
+        SparseExpansionModifier(sparsity=-0.1)
+    with pytest.raises(ValueError, match="mask_structure"):
+        SparseExpansionModifier(mask_structure="4:2")
+    with pytest.raises(ValueError, match="exceeds the"):
+        compress(tiny_dir, [SparseExpansionModifier(num_experts=40)], num=2, length=16)
+    with pytest.raises(ValueError, match="matched no module"):
+        compress(tiny_dir, [SparseExpansionModifier(targets=["mlp.upp_proj"])])
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_recipes_run(tiny_dir, recipe):
+    import yaml
+
+    text = recipe.read_text()
+    stage = yaml.safe_load(text)
+    modifiers = [m for s in stage.values() for group in s.values() for m in group]
+    assert modifiers == ["SparseExpansionModifier"], "recipe must be nested <x>_stage: <y>_modifiers: {...}"
+    # run with few experts: the tiny model has 512 calibration tokens
+    small = text.replace("num_experts: 16", "num_experts: 4")
+    model = compress(tiny_dir, small)
+    assert is_expanded(model)
+    n, m = stage["sparse_expansion_stage"]["sparse_expansion_modifiers"]["SparseExpansionModifier"].get(
+        "mask_structure", "0:0"
+    ).split(":")
+    if int(m):  # N:M recipes: every group of M consecutive weights of every expert keeps exactly M - N
+        for layer in expanded_linears(model).values():
+            for k in range(layer.num_experts):
+                groups = layer.expert_keep_mask(k).reshape(layer.out_features, -1, int(m))
+                assert bool((groups.sum(-1) == int(m) - int(n)).all())
