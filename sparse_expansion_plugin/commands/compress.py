@@ -1,0 +1,136 @@
+"""``sparse-expansion compress MODEL --recipe R --output DIR``: run a recipe with oneshot and save.
+
+The recipe is validated before the model is loaded (a flat or misspelt recipe
+fails in a second, not after calibration). Calibration uses the package's
+calibration text (disjoint from the evaluation text). The result is written to
+a temporary directory next to ``DIR`` and renamed at the end, so a crash
+leaves nothing half-written and an existing ``DIR`` is replaced only with
+``--overwrite``. A pruned model is saved as a plain Hugging Face directory
+(dense weights with zeros; sparse formats are gone from compressed-tensors)
+that reloads with ``AutoModelForCausalLM.from_pretrained``; a model with
+Sparse Expansion layers is saved with ``save_expanded``. ``recipe.yaml`` goes
+next to the weights either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="smollm2-135m",
+        help="'smollm2-135m' (embedded, default), a local HF directory, or a hub name",
+    )
+    parser.add_argument("--recipe", required=True, help="YAML recipe file (see recipes/)")
+    parser.add_argument("--output", required=True, help="directory to write the compressed model to")
+    parser.add_argument(
+        "--num-calibration-samples", type=int, default=32, help="calibration windows (default 32)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per calibration window (default 512)"
+    )
+    parser.add_argument(
+        "--calibration-text",
+        default="python_docs,jargon_file",
+        help="calibration sources, comma-separated: python_docs, jargon_file (bundled) or wikitext2, c4 (hub)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for anything random in the recipe's modifiers"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+
+
+def _save(model, tokenizer, recipe, staging: Path) -> Path:
+    """Write the model, tokenizer and recipe into ``staging/model``; return that path.
+
+    The one place that knows about expanded models: everything else is a plain
+    ``save_pretrained`` of the class's own method (not llm-compressor's wrapper,
+    which rewrites config.json from the original model).
+    """
+    target = staging / "model"
+    expanded = False
+    try:
+        from sparse_expansion_plugin.modeling.expanded import is_expanded
+
+        expanded = is_expanded(model)
+    except ImportError:  # pragma: no cover - modeling package unavailable
+        expanded = False
+    if expanded:
+        from sparse_expansion_plugin.modeling.save_load import save_expanded
+
+        save_expanded(model, tokenizer, target)
+    else:
+        type(model).save_pretrained(model, target)
+        tokenizer.save_pretrained(target)
+    recipe.yaml(file_path=str(target / "recipe.yaml"))
+    return target
+
+
+def _publish(staged: Path, output: Path) -> None:
+    """Move ``staged`` to ``output``, replacing an existing one only after the new one is complete."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(staged, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, output)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from llmcompressor import oneshot
+
+    from sparse_expansion_plugin.data import load_model_and_tokenizer
+    from sparse_expansion_plugin.data.calibration import calibration_dataset
+    from sparse_expansion_plugin.modifiers.recipes import load_recipe
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"output {output} already exists; choose another --output or pass --overwrite")
+    if args.num_calibration_samples < 1 or args.seq_len < 2:
+        raise ValueError("--num-calibration-samples must be >= 1 and --seq-len >= 2")
+    recipe = load_recipe(args.recipe)
+    logger.info("recipe %s: %s", args.recipe, ", ".join(type(m).__name__ for m in recipe.modifiers))
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    dataset = calibration_dataset(
+        tokenizer, args.num_calibration_samples, args.seq_len, args.calibration_text
+    )
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=args.num_calibration_samples,
+        max_seq_length=args.seq_len,
+    )
+    logger.info("oneshot took %.1f s", time.perf_counter() - start)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        _publish(_save(model, tokenizer, recipe, staging), output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    zeros = sum(int((m.weight == 0).sum()) for m in linears)
+    total = sum(m.weight.numel() for m in linears)
+    logger.info(
+        "saved %s (%.2f%% zeros in %d linear layers)", output, 100 * zeros / max(total, 1), len(linears)
+    )
+    print(output)
+    return 0

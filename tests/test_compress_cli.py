@@ -1,0 +1,144 @@
+"""``sparse-expansion compress``: every SparseGPT recipe in recipes/ runs and saves a reloadable model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sparse_expansion_plugin.cli import main
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+OUR_RECIPES = sorted(p.name for p in RECIPES.glob("*sparsegpt_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_dir):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import make_tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(seed=1, hidden=64, intermediate=128, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _linear_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    }
+
+
+def test_there_are_recipes_for_each_mode():
+    assert {"sparsegpt_50.yaml", "sparsegpt_70.yaml", "sparsegpt_2of4.yaml"} <= set(OUR_RECIPES)
+    assert {"wd_sparsegpt_50.yaml", "wd_sparsegpt_70.yaml", "wd_sparsegpt_2of4.yaml"} <= set(OUR_RECIPES)
+
+
+@pytest.mark.parametrize("recipe", OUR_RECIPES)
+def test_recipe_compresses_and_reloads_with_plain_transformers(tiny_dir, tmp_path, recipe):
+    from transformers import AutoModelForCausalLM
+
+    output = tmp_path / "out"
+    argv = ["compress", str(tiny_dir), "--recipe", str(RECIPES / recipe), "--output", str(output)]
+    assert main([*argv, "--num-calibration-samples", "4", "--seq-len", "64"]) == 0
+    spec = yaml.safe_load((RECIPES / recipe).read_text())["sparsity_stage"]["sparsity_modifiers"]
+    ((name, fields),) = spec.items()
+    saved = yaml.safe_load((output / "recipe.yaml").read_text())
+    assert name in saved["sparsity_stage"]["sparsity_modifiers"]
+    model = AutoModelForCausalLM.from_pretrained(output)  # plain transformers, no remote code
+    weights = _linear_weights(model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    numel = sum(w.numel() for w in weights.values())
+    if fields.get("mask_structure", "0:0") == "2:4":
+        for w in weights.values():
+            assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+    else:
+        assert abs(zeros / numel - fields["sparsity"]) < 0.01
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert bool(torch.isfinite(logits).all())
+    assert not list(tmp_path.glob(".out.*"))  # no staging directory left behind
+
+
+def test_refuses_existing_output_without_overwrite(tiny_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    argv = [
+        "compress",
+        str(tiny_dir),
+        "--recipe",
+        str(RECIPES / "sparsegpt_50.yaml"),
+        "--output",
+        str(output),
+    ]
+    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text() == "precious"
+    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32", "--overwrite"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
+
+
+def test_bad_recipe_fails_before_loading_the_model(tmp_path, capsys):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("SparseGPTModifier:\n  sparsity: 0.5\n")
+    argv = ["compress", "/nonexistent/model", "--recipe", str(flat), "--output", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "_stage" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_expanded_models_take_the_expanded_save_branch(tiny_dir, tmp_path, monkeypatch):
+    """The one branch of compress that differs for Sparse Expansion: save_expanded instead of save_pretrained."""
+    import sparse_expansion_plugin.modeling.expanded as expanded
+    import sparse_expansion_plugin.modeling.save_load as save_load
+
+    calls = []
+
+    def fake_save_expanded(model, tokenizer, output_dir, overwrite=False):
+        calls.append(output_dir)
+        Path(output_dir).mkdir(parents=True)
+        (Path(output_dir) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(expanded, "is_expanded", lambda model: True)
+    monkeypatch.setattr(save_load, "save_expanded", fake_save_expanded)
+    argv = [
+        "compress",
+        str(tiny_dir),
+        "--recipe",
+        str(RECIPES / "sparsegpt_50.yaml"),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32"]) == 0
+    assert len(calls) == 1 and (tmp_path / "o" / "recipe.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_wd_recipe_on_smollm2(tmp_path):
+    """The real model end to end with few tokens: compress, reload with plain transformers, finite perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparse_expansion_plugin.data import token_windows
+    from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
+
+    output = tmp_path / "wd50"
+    argv = [
+        "compress",
+        "smollm2-135m",
+        "--recipe",
+        str(RECIPES / "wd_sparsegpt_50.yaml"),
+        "--output",
+        str(output),
+    ]
+    assert main([*argv, "--num-calibration-samples", "4", "--seq-len", "128"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(output)
+    weights = _linear_weights(model)
+    sparsity = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+    assert abs(sparsity - 0.5) < 0.005
+    windows = token_windows(AutoTokenizer.from_pretrained(output), "evaluation", 128, 2)
+    assert token_perplexity(model, windows, progress=False) < 1000
