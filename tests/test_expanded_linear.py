@@ -19,10 +19,14 @@ def random_experts(k: int, out: int, inp: int, sparsity: float = 0.5, seed: int 
 def random_router(inp: int, k: int, seed: int = 0) -> ExpertRouter:
     gen = torch.Generator().manual_seed(seed)
     components = torch.linalg.qr(torch.randn(inp, 3, generator=gen))[0].t()
-    return ExpertRouter.from_pca_kmeans(torch.randn(inp, generator=gen), components, torch.randn(k, 3, generator=gen))
+    return ExpertRouter.from_pca_kmeans(
+        torch.randn(inp, generator=gen), components, torch.randn(k, 3, generator=gen)
+    )
 
 
-def per_token_reference(x: torch.Tensor, router: ExpertRouter, weights: torch.Tensor, bias: torch.Tensor | None):
+def per_token_reference(
+    x: torch.Tensor, router: ExpertRouter, weights: torch.Tensor, bias: torch.Tensor | None
+):
     """The obvious loop: each token's row times its nearest-centroid expert (float64)."""
     flat = x.reshape(-1, x.shape[-1]).double()
     scores = flat @ router.weight.double().t() + router.bias.double()
@@ -98,4 +102,26 @@ def test_bfloat16_layer_routes_in_float32():
     x = torch.randn(2, 5, 10, dtype=torch.bfloat16)
     y = holder["layer"](x)
     assert y.dtype == torch.bfloat16 and router.weight.dtype == torch.float32
-    torch.testing.assert_close(y.double(), per_token_reference(x, router, weights, None), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        y.double(), per_token_reference(x, router, weights, None), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_cost_report_counts_bytes_and_flops_by_hand():
+    from sparse_expansion_plugin.modeling.cost import expansion_cost
+
+    k, out, inp = 4, 16, 24
+    keep = torch.zeros(k, out, inp, dtype=torch.bool)
+    keep[..., ::2] = True  # exactly 50% kept in every expert
+    weights = torch.randn(k, out, inp) * keep
+    router = random_router(inp, k)
+    model = torch.nn.ModuleDict({"fc": ExpandedLinear.from_experts(weights, router, keep=keep), "r": router})
+    cost = expansion_cost(model)
+    params = out * inp
+    assert cost.dense_bytes == 4 * params
+    assert cost.sparsegpt_compact_bytes == 4 * params // 2 + params // 8
+    assert cost.expanded_bytes == k * (4 * params // 2 + params // 8) + 8 * k + 4 * k * (inp + 1)
+    assert cost.dense_flops_per_token == 2 * params
+    assert cost.router_flops_per_token == 2 * k * inp
+    assert cost.routed_flops_per_token_nonzero == params + 2 * k * inp
+    assert cost.density_mean == 0.5

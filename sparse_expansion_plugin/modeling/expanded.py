@@ -122,6 +122,15 @@ class ExpandedLinear(nn.Module):
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return packed_bytes(self.values, self.mask, self.nnz) + bias
 
+    def materialize(self, enable: bool = True) -> int:
+        """Keep dense copies of all experts (``enable``) or drop them; returns their bytes."""
+        if not enable:
+            self.dense_experts = None
+            return 0
+        self.dense_experts = None
+        self.dense_experts = torch.stack([self.expert_weight(k) for k in range(self.num_experts)])
+        return self.dense_experts.numel() * self.dense_experts.element_size()
+
     def extra_repr(self) -> str:
         dense = self.num_experts * self.in_features * self.out_features
         density = self.values.numel() / dense if dense else 0.0
@@ -148,20 +157,7 @@ def materialize_experts(model: nn.Module, enable: bool = True) -> int:
     call; dense copies remove that at K times the dense layer's memory.
     Returns the bytes the dense copies take.
     """
-    total = 0
-    for layer in expanded_linears(model).values():
-        if enable:
-            dense = torch.stack(
-                [
-                    unpack_expert(layer.values, layer.mask[k], int(layer.nnz[:k].sum()), layer.in_features)
-                    for k in range(layer.num_experts)
-                ]
-            )
-            layer.dense_experts = dense
-            total += dense.numel() * dense.element_size()
-        else:
-            layer.dense_experts = None
-    return total
+    return sum(layer.materialize(enable) for layer in expanded_linears(model).values())
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -131,6 +131,8 @@ class SparseExpansionModifier(Modifier):
     :param block_size: SparseGPT column block size
     :param dampening_frac: SparseGPT dampening, fraction of the mean Hessian diagonal
     :param expert_batch_size: solve at most this many experts at once (memory: E x n x n floats)
+    :param materialize_while_calibrating: keep dense expert copies of the layer being propagated
+        (one layer at a time) so the pipeline's propagation pass does not unpack them per batch
     """
 
     sparsity: float = 0.5
@@ -153,6 +155,7 @@ class SparseExpansionModifier(Modifier):
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0)
     expert_batch_size: int = Field(default=16, ge=1)
+    materialize_while_calibrating: bool = True
 
     requires_calibration_data: bool = True
 
@@ -161,6 +164,7 @@ class SparseExpansionModifier(Modifier):
     _prune_n: int = PrivateAttr(default=0)
     _prune_m: int = PrivateAttr(default=0)
     _report: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _materialized: list[ExpandedLinear] = PrivateAttr(default_factory=list)
 
     @field_validator("sparsity")
     @classmethod
@@ -237,6 +241,7 @@ class SparseExpansionModifier(Modifier):
         if not self.ended_:
             self.on_end(state, None)
         self.remove_hooks()
+        self._release_materialized()
         left = [g.names[0] for g in self._groups if not g.done]
         if left:
             raise RuntimeError(
@@ -304,7 +309,13 @@ class SparseExpansionModifier(Modifier):
 
         return hook
 
+    def _release_materialized(self) -> None:
+        for layer in self._materialized:
+            layer.materialize(False)
+        self._materialized = []
+
     def _expand_calibrated(self) -> None:
+        self._release_materialized()  # the previous layer has been propagated by now
         for group in self._groups:
             if group.done:
                 continue
@@ -391,6 +402,9 @@ class SparseExpansionModifier(Modifier):
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
             expanded = ExpandedLinear.from_experts(pruned.to(weight.dtype), router, bias, keep)
             replace_module(self._model, name, expanded.to(device))
+            if self.materialize_while_calibrating:
+                expanded.materialize()
+                self._materialized.append(expanded)
             self._report.append(
                 {
                     "name": name,
