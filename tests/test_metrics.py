@@ -138,6 +138,12 @@ def test_moments_match_scipy_streaming_and_exact():
         acc.update(x[start : start + 300])
     np.testing.assert_allclose(acc.skewness().numpy(), st.skew(x.numpy(), axis=0), rtol=1e-6)
     np.testing.assert_allclose(acc.excess_kurtosis().numpy(), st.kurtosis(x.numpy(), axis=0), rtol=1e-6)
+    # Activations arrive in float32: the batch power sums are float32, accumulated in float64.
+    acc32 = StreamingMoments(5)
+    for start in range(0, 4000, 1000):
+        acc32.update(x[start : start + 1000].float())
+    np.testing.assert_allclose(acc32.skewness().numpy(), st.skew(x.numpy(), axis=0), rtol=1e-4)
+    np.testing.assert_allclose(acc32.excess_kurtosis().numpy(), st.kurtosis(x.numpy(), axis=0), rtol=1e-4)
     np.testing.assert_allclose(skewness(x).numpy(), st.skew(x.numpy(), axis=0), rtol=1e-8)
     np.testing.assert_allclose(excess_kurtosis(x).numpy(), st.kurtosis(x.numpy(), axis=0), rtol=1e-8)
     np.testing.assert_allclose(acc.variance().numpy(), x.numpy().var(axis=0), rtol=1e-8)
