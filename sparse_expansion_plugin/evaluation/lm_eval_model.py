@@ -105,6 +105,11 @@ class SparseExpansionLM(HFLM):
         if isinstance(pretrained, str | os.PathLike):
             pretrained = resolve_model_path(str(pretrained))
             check_model_dir(pretrained)
+        device = kwargs.get("device", "cuda")
+        if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
+            # HFLM's default is "cuda"; on a machine without one that would fail while loading.
+            logger.warning("device %r requested but CUDA is not available: using cpu", device)
+            kwargs["device"] = "cpu"
         if isinstance(kwargs.get("tokenizer"), str | os.PathLike):
             kwargs["tokenizer"] = resolve_model_path(str(kwargs["tokenizer"]))
         super().__init__(pretrained=pretrained, **kwargs)
