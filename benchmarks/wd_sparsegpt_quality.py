@@ -26,14 +26,22 @@ import time
 import torch
 
 DEFAULT_VARIANTS = [
+    # most informative first: the output is printed as it goes
     "dense",
-    *[f"{kind}@{s}" for s in ("0.5", "0.6", "0.7", "2:4") for kind in ("stock", "wd")],
+    "stock@0.5",
+    "wd@0.5",
+    "stock@0.7",
+    "wd@0.7",
+    "random@0.7",
     "kurtosis@0.7",
     "variance@0.7",
     "owl@0.7",
-    "random@0.7",
     "owl-layers@0.7",
     "wd-layers@0.7",
+    "stock@0.6",
+    "wd@0.6",
+    "stock@2:4",
+    "wd@2:4",
 ]
 
 

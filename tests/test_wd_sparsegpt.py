@@ -224,3 +224,74 @@ def test_flat_recipes_that_would_do_nothing_are_refused(text):
         assert Recipe.create_instance(text).modifiers == []
     with pytest.raises(ValueError, match="_modifiers"):
         load_recipe(text)
+
+
+def test_centered_ranks_match_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    from sparse_expansion_plugin.modifiers.allocation import centered_ranks, row_saliency_weights
+
+    scores = torch.randn(57, generator=torch.Generator().manual_seed(0))
+    expected = (rankdata(scores.numpy()) - 1) / 56 * 2 - 1
+    torch.testing.assert_close(centered_ranks(scores), torch.tensor(expected, dtype=torch.float32))
+    assert torch.equal(row_saliency_weights(scores, 0.0), torch.ones(57))
+
+
+def test_owl_layer_rule_matches_llm_compressor(monkeypatch):
+    """Our OWL layer sparsities equal llm-compressor's own (broken end to end, but its formula runs alone)."""
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+    from sparse_expansion_plugin.modifiers.allocation import owl_layer_sparsities, owl_outlier_ratio
+
+    torch.manual_seed(0)
+    layers = {
+        f"layer{i}": torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 32)) for i in range(4)
+    }
+    norms = {
+        f"{name}.{j}": torch.rand(layer[j].in_features) ** (3 + i)
+        for i, (name, layer) in enumerate(layers.items())
+        for j in range(2)
+    }
+    stock = SparseGPTModifier(sparsity=0.7, sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
+    monkeypatch.setattr(stock, "_get_activations", lambda model, dataloader: norms)
+    expected = stock._infer_owl_layer_sparsity(None, layers, None)
+    ratios = {
+        name: owl_outlier_ratio(
+            torch.cat([layer[j].weight.flatten() for j in range(2)]).view(1, -1),
+            torch.cat([(norms[f"{name}.{j}"] ** 2).repeat(layer[j].out_features) for j in range(2)]),
+            5.0,
+        )
+        for name, layer in layers.items()
+    }
+    ours = owl_layer_sparsities(ratios, 0.7, 0.08)
+    for name in layers:
+        assert ours[name] == pytest.approx(float(expected[name]), abs=1e-9)
+
+
+def test_exact_zero_budgets_hit_the_total_and_stay_close():
+    from sparse_expansion_plugin.modifiers.allocation import exact_zero_budgets
+
+    sizes = [1000, 3000, 500, 2500]
+    fractions = [0.65, 0.75, 0.7, 0.71]
+    assert exact_zero_budgets(sizes, fractions, 7000) == sizes  # everything: capped at each size
+    for total in (0, 1, 4899, 4900, 6000):
+        budgets = exact_zero_budgets(sizes, fractions, total)
+        assert sum(budgets) == total
+        assert all(0 <= b <= s for b, s in zip(budgets, sizes, strict=True))
+        scale = total / sum(f * s for f, s in zip(fractions, sizes, strict=True))
+        assert all(abs(b - f * s * scale) <= 1 for b, f, s in zip(budgets, fractions, sizes, strict=True))
+    with pytest.raises(ValueError, match="must lie in"):
+        exact_zero_budgets(sizes, fractions, 7001)
+
+
+@pytest.mark.parametrize(("rows", "columns", "sparsity"), [(48, 300, 0.5), (32, 256, 0.7), (5, 70, 0.6)])
+def test_stock_zero_count_matches_sparsify_weight(rows, columns, sparsity):
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+    from sparse_expansion_plugin.modifiers.allocation import stock_zero_count
+
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(columns, rows)
+    x = torch.randn(256, columns)
+    _, pruned = sparsify_weight(linear, {linear: 2 / 256 * x.T @ x}, sparsity, 0, 0, 128, 0.01, False)
+    assert int((pruned == 0).sum()) == stock_zero_count(rows, columns, sparsity, 128)
