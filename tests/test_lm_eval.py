@@ -71,7 +71,8 @@ def evaluate(
         model=model,
         model_args=model_args,
         tasks=tasks,
-        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata=metadata),
+        # include_defaults=False: skip indexing lm-eval's ~10k built-in YAMLs (5 s per call here).
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata),
         metadata=metadata,
         limit=limit,
         device="cpu",
@@ -164,18 +165,25 @@ def test_word_task_equals_direct_rolling_likelihood(tiny_dir, tokenizer):
     assert got["byte_perplexity,none"] == pytest.approx(math.exp(-total_ll / nbytes), rel=1e-4)
 
 
-def test_choice_task_runs_offline(tiny_dir):
+def test_choice_task_accuracy_equals_direct_scoring(tiny_dir, tokenizer):
+    """acc = mean over docs of [argmax_c log p(" " + choice_c | context) == label], scored by direct forwards."""
+    task = "sparse_expansion_jargon_file_choice"
     results = evaluate(
-        "sparse-expansion",
-        {"pretrained": str(tiny_dir)},
-        ["sparse_expansion_jargon_file_choice"],
-        {"mc_docs": 8},
+        "sparse-expansion", {"pretrained": str(tiny_dir), "dtype": "float32"}, [task], {"mc_docs": 8}
     )
-    acc = results["sparse_expansion_jargon_file_choice"]["acc,none"]
-    assert 0.0 <= acc <= 1.0
-
-
-# --------------------------------------------------------------------------- the wrapper
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    correct = []
+    for doc in task_docs.continuation_choice_docs("jargon_file", 8):
+        scores = []
+        for choice in doc["choices"]:
+            ctx = tokenizer(doc["context"], add_special_tokens=False)["input_ids"]
+            whole = tokenizer(f"{doc['context']} {choice}", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)
+            scores.append(logp[len(ctx) - 1 :].gather(1, ids[0, len(ctx) :, None]).sum().item())
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
+    assert results[task]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
 def test_registration_keeps_builtin_models():
@@ -298,3 +306,29 @@ def test_token_task_on_an_expanded_dir_ours_and_stock_hf_remote_code(expanded, t
     stock = evaluate("hf", {"pretrained": str(path), "trust_remote_code": True}, [TOKEN_TASK], meta)
     assert ours[TOKEN_TASK]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
     assert stock[TOKEN_TASK]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the real model (slow, short)
+
+
+@pytest.mark.slow
+def test_smollm2_token_task_equals_token_perplexity(smollm2, smollm2_dir):
+    model, tokenizer = smollm2
+    expected = token_perplexity(model, token_windows(tokenizer, "evaluation", 128, 6), batch_size=3)
+    results = evaluate(
+        "sparse-expansion", {"pretrained": "smollm2-135m"}, [TOKEN_TASK], {"seq_len": 128, "num_windows": 6}
+    )
+    assert results[TOKEN_TASK]["token_perplexity,none"] == pytest.approx(expected, rel=1e-4)
+    assert 5 < expected < 100, "SmolLM2 should model documentation text far better than chance"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_the_choice_task_above_chance():
+    """40 questions, 4 choices: chance gives 10 +- 2.7 right; a real LM should get far more."""
+    results = evaluate(
+        "sparse-expansion",
+        {"pretrained": "smollm2-135m"},
+        ["sparse_expansion_python_docs_choice"],
+        {"mc_docs": 40},
+    )
+    assert results["sparse_expansion_python_docs_choice"]["acc,none"] >= 0.5

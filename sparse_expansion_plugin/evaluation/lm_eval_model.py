@@ -187,7 +187,20 @@ def place_model(model: torch.nn.Module, placement: dict) -> torch.nn.Module:
             max_memory=placement.get("max_memory"),
             no_split_module_classes=getattr(model, "_no_split_modules", None) or [],
         )
-    return dispatch_model(model, device_map=device_map, offload_dir=placement.get("offload_folder"))
+    if device_map.get("") == "disk":
+        raise ValueError(
+            f"the memory limits {placement.get('max_memory')} leave no room for any layer of the model: "
+            "raise max_memory_per_gpu / max_cpu_memory"
+        )
+    keys = list(model.state_dict())
+    for name, device in list(device_map.items()):
+        # accelerate writes no offload index for a module with nothing saved (rotary inv_freq is a
+        # non-persistent buffer) and then fails to read it: keep such modules on the CPU.
+        if device == "disk" and name and not any(k.startswith(f"{name}.") for k in keys):
+            device_map[name] = "cpu"
+    return dispatch_model(
+        model, device_map=device_map, offload_dir=placement.get("offload_folder"), offload_buffers=True
+    )
 
 
 def register() -> None:
