@@ -186,6 +186,26 @@ def test_choice_task_accuracy_equals_direct_scoring(tiny_dir, tokenizer):
     assert results[task]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
+# --------------------------------------------------------------------------- the wrapper
+
+
+def test_lazy_registration_imports_the_wrapper_only_when_asked(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sparse_expansion_plugin.evaluation.lm_eval_registry import register_lm_eval_model\n"
+        "assert register_lm_eval_model()\n"
+        "assert 'sparse_expansion_plugin.evaluation.lm_eval_model' not in sys.modules\n"
+        "from lm_eval.api.registry import get_model\n"
+        "assert get_model('sparse-expansion').__name__ == 'SparseExpansionLM'\n"
+        "assert get_model('hf').__name__ == 'HFLM'\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_registration_keeps_builtin_models():
     from lm_eval.api.registry import get_model
 
