@@ -40,7 +40,8 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
 
 def _looks_local(name: str) -> bool:
-    return Path(name).exists() or name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+    """A path rather than a hub name: absolute, relative, home-based, or with more than one ``/``."""
+    return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1)
 
 
 def check_model_dir(pretrained: str) -> None:
