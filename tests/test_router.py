@@ -30,7 +30,9 @@ def test_folded_router_equals_sklearn_pca_kmeans_on_clear_margins():
     x64 = x.double().numpy()
     labels, pca, kmeans = sklearn_assignment(x64, 6, 8, seed=0)
     router = ExpertRouter.from_pca_kmeans(
-        torch.from_numpy(pca.mean_), torch.from_numpy(pca.components_), torch.from_numpy(kmeans.cluster_centers_)
+        torch.from_numpy(pca.mean_),
+        torch.from_numpy(pca.components_),
+        torch.from_numpy(kmeans.cluster_centers_),
     )
     routed = router(x).assignment.numpy()
     # Reference distances in float64; tokens almost equidistant from two centroids may
@@ -64,10 +66,16 @@ def test_router_caches_by_tensor_identity_and_version():
     x.mul_(-1)
     recomputed = router(x)
     assert recomputed is not first
-    ref = ((x.reshape(-1, 8)[:, :2, None] - router_centroids(router)[None].transpose(1, 2)) ** 2).sum(1).argmin(1)
+    ref = (
+        ((x.reshape(-1, 8)[:, :2, None] - router_centroids(router)[None].transpose(1, 2)) ** 2)
+        .sum(1)
+        .argmin(1)
+    )
     assert torch.equal(recomputed.assignment, ref)
     assert sum(recomputed.counts) == 35
-    assert torch.equal(recomputed.assignment[recomputed.order], recomputed.assignment.sort(stable=True).values)
+    assert torch.equal(
+        recomputed.assignment[recomputed.order], recomputed.assignment.sort(stable=True).values
+    )
 
 
 def router_centroids(router: ExpertRouter) -> torch.Tensor:
@@ -76,7 +84,9 @@ def router_centroids(router: ExpertRouter) -> torch.Tensor:
 
 
 def test_router_stays_float32_when_model_is_cast():
-    router = ExpertRouter.from_pca_kmeans(torch.randn(8), torch.linalg.qr(torch.randn(8, 3))[0].t(), torch.randn(4, 3))
+    router = ExpertRouter.from_pca_kmeans(
+        torch.randn(8), torch.linalg.qr(torch.randn(8, 3))[0].t(), torch.randn(4, 3)
+    )
     weight = router.weight.clone()
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), router).to(torch.bfloat16)
     assert module[0].weight.dtype == torch.bfloat16

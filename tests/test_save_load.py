@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
 from sparse_expansion_plugin.modeling import is_expanded, is_expanded_dir, load_expanded, save_expanded
 from sparse_expansion_plugin.modeling import save_load as save_load_module
 from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, replace_module
@@ -66,7 +66,9 @@ def test_round_trip_both_routes_identical_logits(expanded_tiny, tmp_path):
     assert not is_expanded(AutoModelForCausalLM.from_pretrained(plain))
     # experts are stored compactly: values + 1 bit per position, not K dense copies
     stored = (out / "model.safetensors").stat().st_size
-    dense_experts = sum(3 * m.in_features * m.out_features * 4 for m in ours.modules() if isinstance(m, ExpandedLinear))
+    dense_experts = sum(
+        3 * m.in_features * m.out_features * 4 for m in ours.modules() if isinstance(m, ExpandedLinear)
+    )
     assert stored < (0.5 + 1 / 32 + 0.05) * dense_experts + sum(p.numel() * 4 for p in ours.parameters())
 
 
@@ -109,7 +111,9 @@ def corrupt(out: Path, edit) -> None:
 def test_corrupt_checkpoints_fail_clearly(expanded_tiny, tmp_path):
     out = save_expanded(expanded_tiny, None, tmp_path / "se")
     corrupt(out, lambda t: t.pop("model.layers.1.mlp.up_proj.values"))
-    with pytest.raises(ValueError, match=r"corrupt .*missing expert tensor model\.layers\.1\.mlp\.up_proj\.values"):
+    with pytest.raises(
+        ValueError, match=r"corrupt .*missing expert tensor model\.layers\.1\.mlp\.up_proj\.values"
+    ):
         load_expanded(out)
     out = save_expanded(expanded_tiny, None, tmp_path / "se2")
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from conftest import make_tiny_llama
 from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, expanded_linears, is_expanded
 from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
 
@@ -141,7 +141,9 @@ def test_generate_with_kv_cache_matches_full_recompute(expanded4):
     prompt = torch.tensor(calibration(1, 6, seed=3)["input_ids"])
     with torch.no_grad():
         out = expanded4.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0)
-        nocache = expanded4.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+        nocache = expanded4.generate(
+            prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0
+        )
     assert out.shape == (1, 14)
     assert torch.equal(out, nocache)
 
@@ -156,7 +158,9 @@ def test_same_seed_same_model_and_down_calibration_modes(tiny_dir, expanded4):
     first = expanded.model.layers[0].mlp
     # gate/up are fitted on the same inputs either way; down sees different (expanded) inputs
     assert torch.equal(first.gate_proj.values, expanded4.model.layers[0].mlp.gate_proj.values)
-    assert not torch.equal(first.down_proj.router.weight, expanded4.model.layers[0].mlp.down_proj.router.weight)
+    assert not torch.equal(
+        first.down_proj.router.weight, expanded4.model.layers[0].mlp.down_proj.router.weight
+    )
 
 
 def test_small_cluster_rules_are_applied_and_logged(tiny_dir, caplog):
@@ -168,7 +172,9 @@ def test_small_cluster_rules_are_applied_and_logged(tiny_dir, caplog):
     counts = [layer.num_experts for layer in expanded_linears(merged).values()]
     assert max(counts) < 8 and min(counts) >= 1
     caplog.clear()
-    compress(tiny_dir, [SparseExpansionModifier(num_experts=8, min_cluster_tokens=60, small_cluster_rule="global")])
+    compress(
+        tiny_dir, [SparseExpansionModifier(num_experts=8, min_cluster_tokens=60, small_cluster_rule="global")]
+    )
     assert "using the global Hessian" in caplog.text
 
 
@@ -208,9 +214,11 @@ def test_recipes_run(tiny_dir, recipe):
     small = text.replace("num_experts: 16", "num_experts: 4")
     model = compress(tiny_dir, small)
     assert is_expanded(model)
-    n, m = stage["sparse_expansion_stage"]["sparse_expansion_modifiers"]["SparseExpansionModifier"].get(
-        "mask_structure", "0:0"
-    ).split(":")
+    n, m = (
+        stage["sparse_expansion_stage"]["sparse_expansion_modifiers"]["SparseExpansionModifier"]
+        .get("mask_structure", "0:0")
+        .split(":")
+    )
     if int(m):  # N:M recipes: every group of M consecutive weights of every expert keeps exactly M - N
         for layer in expanded_linears(model).values():
             for k in range(layer.num_experts):

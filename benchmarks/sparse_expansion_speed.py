@@ -1,0 +1,155 @@
+"""Sparse Expansion speed on a real model (default: the embedded SmolLM2-135M), all ratios in one process.
+
+1. Compression: wall time of ``oneshot`` with K experts against stock SparseGPT
+   (same MLP targets, same calibration windows, run back to back).
+2. Inference: forward time of the expanded model on a batch of B x L tokens
+   against the dense model, with experts unpacked per call (compact, the
+   default) and with dense expert copies (``materialize_experts``); on CUDA too
+   when a GPU is present.
+
+    flock /tmp/heavy.lock python benchmarks/sparse_expansion_speed.py \
+        --calibration-samples 32 --experts 16 --output bench-se/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_expansion_plugin.data.calibration import calibration_dataset
+from sparse_expansion_plugin.data.models import load_model_and_tokenizer
+from sparse_expansion_plugin.data.text import token_windows
+
+MLP_TARGETS = [r"re:.*mlp\.(gate|up|down)_proj$"]
+logger = logging.getLogger("sparse_expansion_speed")
+
+
+def timed_oneshot(model_name: str, modifier, calibration, args) -> tuple[torch.nn.Module, float]:
+    from llmcompressor import oneshot
+
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=calibration,
+        recipe=[modifier],
+        num_calibration_samples=args.calibration_samples,
+        max_seq_length=args.seq_len,
+    )
+    return model.eval(), time.perf_counter() - start
+
+
+@torch.no_grad()
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward (after one warm-up)."""
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-compression-baseline", action="store_true", help="time only the expanded run")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+    from sparse_expansion_plugin.modeling.cost import expansion_cost
+    from sparse_expansion_plugin.modeling.expanded import materialize_experts
+    from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+
+    dense, tokenizer = load_model_and_tokenizer(args.model)
+    calibration = calibration_dataset(tokenizer, args.calibration_samples, args.seq_len)
+    result: dict[str, float | dict] = {"threads": torch.get_num_threads()}
+    if not args.skip_compression_baseline:
+        _, stock_s = timed_oneshot(
+            args.model, SparseGPTModifier(sparsity=0.5, targets=MLP_TARGETS), calibration, args
+        )
+        result["sparsegpt_compress_s"] = stock_s
+    expanded, se_s = timed_oneshot(
+        args.model,
+        SparseExpansionModifier(num_experts=args.experts, sparsity=0.5, seed=args.seed),
+        calibration,
+        args,
+    )
+    result["se_compress_s"] = se_s
+    if "sparsegpt_compress_s" in result:
+        result["compress_ratio"] = se_s / result["sparsegpt_compress_s"]
+    result["cost"] = expansion_cost(expanded).as_dict()
+
+    ids = token_windows(tokenizer, "evaluation", args.seq_len, args.forward_batch)
+    dense_s = forward_seconds(dense, ids, args.repeats)
+    compact_s = forward_seconds(expanded, ids, args.repeats)
+    result.update(
+        dense_forward_s=dense_s, se_forward_compact_s=compact_s, forward_ratio_compact=compact_s / dense_s
+    )
+    result["materialized_bytes"] = materialize_experts(expanded)
+    dense_s2 = forward_seconds(dense, ids, args.repeats)
+    mat_s = forward_seconds(expanded, ids, args.repeats)
+    result.update(se_forward_materialized_s=mat_s, forward_ratio_materialized=mat_s / dense_s2)
+    if torch.cuda.is_available():
+        cuda_ids = ids.cuda()
+        dense.cuda()
+        expanded.cuda()
+        d = forward_seconds(dense, cuda_ids, args.repeats)
+        m = forward_seconds(expanded, cuda_ids, args.repeats)
+        materialize_experts(expanded, enable=False)
+        c = forward_seconds(expanded, cuda_ids, args.repeats)
+        result.update(cuda_dense_s=d, cuda_ratio_materialized=m / d, cuda_ratio_compact=c / d)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+    print(
+        f"\nSparse Expansion speed: {args.model}, K={args.experts}, {args.calibration_samples}x{args.seq_len} "
+        f"calibration tokens, {torch.get_num_threads()} threads"
+    )
+    if "compress_ratio" in result:
+        print(
+            f"compression: SparseGPT {result['sparsegpt_compress_s']:.0f} s, Sparse Expansion {se_s:.0f} s, "
+            f"ratio {result['compress_ratio']:.2f}x"
+        )
+    print(
+        f"forward {args.forward_batch}x{args.seq_len}: dense {dense_s:.2f} s; expanded compact "
+        f"{compact_s:.2f} s ({result['forward_ratio_compact']:.2f}x), materialized {mat_s:.2f} s "
+        f"({result['forward_ratio_materialized']:.2f}x, +{result['materialized_bytes'] / 1e9:.2f} GB)"
+    )
+    if "cuda_dense_s" in result:
+        print(
+            f"CUDA forward: materialized {result['cuda_ratio_materialized']:.2f}x, "
+            f"compact {result['cuda_ratio_compact']:.2f}x dense"
+        )
+    print(f"peak RSS {result['peak_rss_gb']:.2f} GB")
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
