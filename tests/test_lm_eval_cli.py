@@ -10,6 +10,7 @@ import argparse
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,13 @@ def cli_args(model_dir: Path, out: Path) -> list[str]:
     ]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (so parallel runs do not collide on torchrun's default 29500)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_run(out: Path) -> tuple[float, int]:
     """(token perplexity, number of scored samples) of one ``--output_path``."""
     (results,) = glob.glob(f"{out}/**/results_*.json", recursive=True)
@@ -68,6 +76,7 @@ def test_accelerate_two_processes_equal_one_process(tiny_dir, tmp_path, monkeypa
     # accelerate for a multi-CPU (gloo) group. (`accelerate launch --cpu` starts one process.)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", str(free_port())]
     command += ["-m", "sparse_expansion_plugin.evaluation.lm_eval_cli", *cli_args(tiny_dir, tmp_path / "two")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
