@@ -110,3 +110,15 @@ def select_linears(model: nn.Module, patterns: list[str] | None = None) -> list[
             )
         chosen.extend(h for h in hits if h not in chosen)
     return chosen
+
+
+def ffn_target_regex(model: nn.Module) -> str:
+    """An llm-compressor ``targets`` entry matching exactly the model's FFN linears (inputs and output)."""
+    leaves: list[str] = []
+    for block in ffn_blocks(model):
+        for name in (*block.inputs, *([block.output] if block.output else [])):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in leaves:
+                leaves.append(leaf)
+    parents = sorted({block.parent.rsplit(".", 1)[-1] for block in ffn_blocks(model)})
+    return rf"re:.*\.({'|'.join(parents)})\.({'|'.join(leaves)})$"
