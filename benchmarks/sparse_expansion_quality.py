@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "dense":
             record("dense", dense, None)
         elif kind.startswith("sparsegpt"):
-            structure = kind.partition("-")[2] or "0:0"
+            structure = variant.partition("-")[2] or "0:0"
             modifier = SparseGPTModifier(
                 sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS
             )

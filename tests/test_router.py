@@ -8,7 +8,12 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from sparse_expansion_plugin.expansion.clustering import drop_experts, fit_router, pca_components_for
+from sparse_expansion_plugin.expansion.clustering import (
+    drop_experts,
+    fit_router,
+    pca_components_for,
+    top_components,
+)
 from sparse_expansion_plugin.modeling.router import ExpertRouter
 
 
@@ -100,9 +105,20 @@ def test_drop_experts_reassigns_to_nearest_remaining_centroid():
     merged = drop_experts(fitted, x, [1])
     assert merged.router.num_experts == 3
     centers = torch.from_numpy(fitted.kmeans.cluster_centers_)
-    z = torch.from_numpy(fitted.pca.transform(x.double().numpy()))
+    z = fitted.transform(x)
     dist = torch.cdist(z, centers[[0, 2, 3]])
     assert (merged.assignment == dist.argmin(1)).float().mean() > 0.99
+
+
+def test_top_components_match_sklearn_pca_up_to_sign():
+    # distinct variances, so each component is identifiable (sklearn's would be arbitrary otherwise)
+    x = torch.randn(1500, 40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = x * torch.linspace(0.1, 4, 40, dtype=torch.float64) + 3.0
+    mean, components = top_components(x, 6, seed=0)
+    pca = PCA(n_components=6, svd_solver="full").fit(x.numpy())
+    np.testing.assert_allclose(mean.numpy(), pca.mean_, atol=1e-10)
+    overlap = (components @ torch.from_numpy(pca.components_).t()).abs()
+    torch.testing.assert_close(overlap, torch.eye(6, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_bad_router_inputs():

@@ -65,15 +65,14 @@ def cluster_hessians(
     hessians = torch.zeros(num_experts, n, n, dtype=SGPT_PRECISION, device=device)
     samples = [0] * num_experts
     tokens = [0] * num_experts
-    global_h = torch.zeros(n, n, dtype=SGPT_PRECISION, device=device)
     global_samples = 0
     global_tokens = 0
     for batch, assignment in zip(batches, assignments, strict=True):
         batch = batch.to(device)
         assignment = assignment.to(device)
-        global_h, global_samples = accumulate_hessian(batch, global_h, global_samples)
         flat = batch.reshape(-1, n)
         global_tokens += flat.shape[0]
+        global_samples += batch.shape[0] if batch.dim() == 3 else 1
         if num_experts == 1:
             hessians[0], samples[0] = accumulate_hessian(batch, hessians[0], samples[0])
             tokens[0] += flat.shape[0]
@@ -82,6 +81,11 @@ def cluster_hessians(
             rows = flat[assignment == k]
             hessians[k], samples[k] = accumulate_hessian(rows, hessians[k], samples[k])
             tokens[k] += rows.shape[0]
+    if num_experts == 1:
+        global_h = hessians[0].clone()
+    else:  # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
+        gram = sum(hessians[k] * (samples[k] / 2.0) for k in range(num_experts) if samples[k])
+        global_h = gram * (2.0 / max(global_samples, 1))
     return ClusterHessians(hessians, samples, tokens, global_h, global_samples, global_tokens)
 
 
