@@ -14,6 +14,7 @@ larger WD by themselves, so the random partition is the fair reference).
 Variants are named on the command line:
   dense | sparsegpt | sparsegpt-2:4 | se:K | se:K:2:4 | se:K@S (sparsity S) |
   random:K (random routing of the se:K experts) | wd:K (WD check with se:K's routers)
+  and, for levers, se:K+field=value+field=value (extra SparseExpansionModifier fields for this run only)
 
     flock /tmp/heavy.lock python benchmarks/sparse_expansion_quality.py \
         --calibration-samples 64 --eval-windows 40 \
@@ -194,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(args.output)
 
     for variant in args.variants:
-        kind, _, spec = variant.partition(":")
+        base_variant, *extras = variant.split("+")
+        kind, _, spec = base_variant.partition(":")
+        variant_options = {**se_options, **{k: parse_value(v) for k, v in (e.split("=", 1) for e in extras)}}
         if kind == "dense":
             record("dense", dense, None)
         elif kind.startswith("sparsegpt"):
@@ -215,16 +218,17 @@ def main(argv: list[str] | None = None) -> int:
                 sparsity=sparsity,
                 mask_structure=structure or "0:0",
                 seed=args.seed,
-                **se_options,
+                **variant_options,
             )
             model, seconds = compress(args.model, modifier, calibration, args)
             cost = expansion_cost(model).as_dict()
-            record(variant, model, seconds, cost=cost, options=se_options)
-            if not structure and not sparsity_text:
+            record(variant, model, seconds, cost=cost, options=variant_options)
+            if not structure and not sparsity_text and not extras:
                 expanded[k] = model
+            del model
         elif kind == "random":
             model = expanded[int(spec)]
-            randomize_routing(model, args.seed)
+            randomize_routing(model, args.seed)  # run wd:K before this: it uses the routers
             record(variant, model, None)
             del expanded[int(spec)]
         elif kind == "wd":
@@ -248,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         if "ppl" not in r:
             continue
         closed = ""
-        if base and top and r["variant"] not in ("dense", "sparsegpt"):
-            closed = f"{(math.log(base) - math.log(r['ppl'])) / (math.log(base) - math.log(top)):+.0%}"
+        reference = ppl.get("sparsegpt-2:4") if "2:4" in r["variant"] else base
+        if reference and top and r["variant"] not in ("dense", "sparsegpt", "sparsegpt-2:4"):
+            closed = (
+                f"{(math.log(reference) - math.log(r['ppl'])) / (math.log(reference) - math.log(top)):+.0%}"
+            )
         size = f"{r['cost']['expanded_bytes'] / r['cost']['dense_bytes']:.2f}" if "cost" in r else ""
         seconds = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
         print(f"| {r['variant']} | {r['ppl']:.3f} | {closed} | {size} | {seconds} |")
