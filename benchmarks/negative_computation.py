@@ -42,7 +42,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=None, help="also write JSON and plots here")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 on an oversubscribed host)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        # On a shared, oversubscribed CPU, OpenMP threads spin against each other: measured here a
+        # 2x128-token SmolLM2 forward took 14.8 s with 2 threads and 1.2 s with 1.
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
 
@@ -85,10 +92,15 @@ def main() -> None:
     print(f"perplexity on {args.eval_windows}x{args.seq_len} evaluation tokens (python_docs + jargon_file)")
     print(merged.markdown())
     per_eval = ablated_seconds / evaluations
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"\ntime per evaluation: unablated {baseline_seconds:.1f} s, with hooks {per_eval:.1f} s "
           f"(ratio {per_eval / baseline_seconds:.2f}); peak RSS {peak_mb:.0f} MB")  # fmt: skip
     if args.output_dir is not None:
-        from sparse_expansion_plugin.analysis.ablation_plots import plot_ablation_curves
+        from sparse_expansion_plugin.analysis.ablation import pre_post_activations
+        from sparse_expansion_plugin.analysis.ablation_plots import (
+            plot_ablation_curves,
+            plot_activation_histograms,
+        )
 
         args.output_dir.mkdir(parents=True, exist_ok=True)
         summary = {
@@ -98,6 +110,13 @@ def main() -> None:
         }
         (args.output_dir / "negative_computation.json").write_text(json.dumps(summary, indent=2))
         plot_ablation_curves(merged, args.output_dir / "negative_computation.png", title=args.model)
+        # Pre/post-activation histograms of the top WD neurons: the layer holding the largest WD, and layer 1.
+        for layer in sorted({max(max_wd, key=max_wd.get), min(1, len(targets) - 1)}):
+            name = targets[layer]
+            top = torch.sort(scores[name], descending=True, stable=True).indices[:6]
+            pre, post = pre_post_activations(model, calibration[:4], name, top, args.batch_size)
+            labels = [f"layer {layer} #{int(n)} WD {float(scores[name][n]):.3f}" for n in top]
+            plot_activation_histograms(pre, post, labels, args.output_dir / f"histograms_layer{layer}.png")
 
 
 if __name__ == "__main__":

@@ -372,17 +372,26 @@ def test_ablate_command_rejects_bad_percent_and_layer(tiny_model_dir, tmp_path, 
 # --- the real model (short) ------------------------------------------------------------------
 
 
+def short_windows(tokenizer, split: str, num: int = 2, length: int = 128) -> torch.Tensor:
+    """``[num, length]`` ids from the start of the bundled Python docs (tokenising all of it takes long)."""
+    from sparse_expansion_plugin.data.text import bundled_text
+
+    ids = tokenizer(bundled_text("python_docs", split)[: 40 * num * length], add_special_tokens=False)[
+        "input_ids"
+    ]
+    return torch.tensor(ids[: num * length]).view(num, length)
+
+
 @pytest.mark.slow
 def test_smollm2_clamp_top_wd_neurons(smollm2):
     """On SmolLM2: gates are the targets, hooks leave other neurons bit-identical, and clamping the
     top-5% WD gate neurons of every layer (WD scored by the shared metric) raises perplexity."""
-    from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.metrics.wasserstein import wd_to_gaussian
 
     model, tokenizer = smollm2
     targets = ablation_targets(model)
     assert len(targets) == 30 and targets[0].endswith("mlp.gate_proj")
-    ids = token_windows(tokenizer, "calibration", 128, 2)
+    ids = short_windows(tokenizer, "calibration")
     captured: dict[str, torch.Tensor] = {}
     handles = [
         model.get_submodule(n).register_forward_hook(
@@ -404,7 +413,7 @@ def test_smollm2_clamp_top_wd_neurons(smollm2):
     keep[top[name]] = False
     assert torch.equal(after[:, keep], before[:, keep])
     assert torch.equal(after[:, ~keep], before[:, ~keep].clamp_min(0))
-    evaluation = token_windows(tokenizer, "evaluation", 128, 2)
+    evaluation = short_windows(tokenizer, "evaluation")
     base = token_perplexity(model, evaluation, 2, progress=False)
     with ablate_neurons(model, top, "clamp"):
         clamped = token_perplexity(model, evaluation, 2, progress=False)

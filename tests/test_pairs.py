@@ -22,7 +22,7 @@ from sparse_expansion_plugin.analysis.pairs import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_llama  # noqa: E402
-from test_ablation import tiny_model_dir  # noqa: E402,F401  (fixture)
+from test_ablation import short_windows, tiny_model_dir  # noqa: E402,F401  (fixture)
 
 
 def full_capture(
@@ -186,10 +186,8 @@ def test_pairs_command_writes_outputs(tiny_model_dir, tmp_path, capsys):  # noqa
 @pytest.mark.slow
 def test_smollm2_pairs_short(smollm2):
     """SmolLM2, 2 x 128 tokens, 60 pairs: every layer analysed, pools decode to token strings."""
-    from sparse_expansion_plugin.data.text import token_windows
-
     model, tokenizer = smollm2
-    ids = token_windows(tokenizer, "evaluation", 128, 2)
+    ids = short_windows(tokenizer, "evaluation")
     result = analyze_pairs(model, ids, 60, 5, 3, seed=0, batch_size=2, progress=False)
     assert result.zscores.shape == (30, 30)
     assert torch.allclose(result.normalized.diagonal(), torch.ones(30, dtype=torch.float64))
