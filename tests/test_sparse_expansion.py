@@ -224,3 +224,29 @@ def test_recipes_run(tiny_dir, recipe):
             for k in range(layer.num_experts):
                 groups = layer.expert_keep_mask(k).reshape(layer.out_features, -1, int(m))
                 assert bool((groups.sum(-1) == int(m) - int(n)).all())
+
+
+def test_gpt2_conv1d_mlp_is_expanded_and_matches_its_experts(tmp_path):
+    """GPT-2 stores c_fc/c_proj as Conv1D ([in, out]): experts must be [out, in] and reproduce the layer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = compress(tmp_path, [SparseExpansionModifier(num_experts=3, sparsity=0.5)])
+    layers = expanded_linears(model)
+    assert sorted(layers) == sorted(
+        f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")
+    )
+    fc = layers["transformer.h.0.mlp.c_fc"]
+    assert (fc.in_features, fc.out_features) == (32, 64)
+    x = torch.randn(5, 32)
+    routing = fc.router(x)
+    expected = torch.stack(
+        [fc.expert_weight(int(k)) @ row + fc.bias for row, k in zip(x, routing.assignment, strict=True)]
+    )
+    torch.testing.assert_close(fc(x), expected, rtol=1e-5, atol=1e-5)
+    ids = torch.tensor(calibration(1, 8, seed=2)["input_ids"])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
