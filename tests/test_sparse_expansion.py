@@ -250,3 +250,29 @@ def test_gpt2_conv1d_mlp_is_expanded_and_matches_its_experts(tmp_path):
     ids = torch.tensor(calibration(1, 8, seed=2)["input_ids"])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
+    from sparse_expansion_plugin.modeling import load_expanded, save_expanded
+
+    model = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, share_router_with_down=True)])
+    mlp = model.model.layers[1].mlp
+    assert mlp.down_proj.reuse_routing and mlp.down_proj.router is mlp.gate_proj.router
+    assert not hasattr(mlp, "se_router_down_proj")
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        got = mlp(x)
+        flat = x.reshape(-1, 32)
+        ks = mlp.gate_proj.router.scores(flat).argmax(1)
+        rows = []
+        for row, k in zip(flat, ks.tolist(), strict=True):  # one expert per token through the whole MLP
+            h = torch.nn.functional.silu(mlp.gate_proj.expert_weight(k) @ row) * (
+                mlp.up_proj.expert_weight(k) @ row
+            )
+            rows.append(mlp.down_proj.expert_weight(k) @ h)
+    assert len(set(ks.tolist())) > 1
+    torch.testing.assert_close(got.reshape(-1, 32), torch.stack(rows), rtol=1e-5, atol=1e-5)
+    ids = torch.tensor(calibration(2, 12, seed=4)["input_ids"])
+    loaded = load_expanded(save_expanded(model, None, tmp_path / "shared"))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

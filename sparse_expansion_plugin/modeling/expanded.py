@@ -38,9 +38,10 @@ class ExpandedLinear(nn.Module):
         bias: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        reuse_routing: bool = False,
     ) -> None:
         super().__init__()
-        if router.num_experts != num_experts or router.in_features != in_features:
+        if router.num_experts != num_experts or (router.in_features != in_features and not reuse_routing):
             raise ValueError(
                 f"router routes {router.in_features}-d inputs to {router.num_experts} experts, "
                 f"but this layer has {in_features} inputs and {num_experts} experts"
@@ -57,6 +58,7 @@ class ExpandedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.register_buffer("dense_experts", None, persistent=False)
         self._router = [router]  # a list, so the shared router is not registered twice
+        self.reuse_routing = reuse_routing  # route by the MLP input's routing (down sharing gate/up's router)
 
     @property
     def router(self) -> ExpertRouter:
@@ -64,9 +66,18 @@ class ExpandedLinear(nn.Module):
 
     @classmethod
     def from_experts(
-        cls, weights: Tensor, router: ExpertRouter, bias: Tensor | None = None, keep: Tensor | None = None
+        cls,
+        weights: Tensor,
+        router: ExpertRouter,
+        bias: Tensor | None = None,
+        keep: Tensor | None = None,
+        reuse_routing: bool = False,
     ) -> ExpandedLinear:
-        """Pack pruned expert ``weights [K, out, in]`` (``keep`` bool mask, default non-zeros)."""
+        """Pack pruned expert ``weights [K, out, in]`` (``keep`` bool mask, default non-zeros).
+
+        ``reuse_routing``: route each token by the router's latest routing (of the MLP
+        input) instead of routing this layer's own input.
+        """
         values, mask, nnz = pack_experts(weights, keep)
         num_experts, out_features, in_features = weights.shape
         layer = cls(
@@ -78,6 +89,7 @@ class ExpandedLinear(nn.Module):
             bias=bias is not None,
             dtype=weights.dtype,
             device=weights.device,
+            reuse_routing=reuse_routing,
         )
         layer.values.copy_(values)
         layer.mask.copy_(mask)
@@ -99,7 +111,7 @@ class ExpandedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., in] -> [..., out]``; each token's row uses its routed expert only."""
-        routing = self.router(x)
+        routing = self.router.last_routing if self.reuse_routing else self.router(x)
         flat = x.reshape(-1, self.in_features)
         used = [k for k, c in enumerate(routing.counts) if c]
         if len(used) == 1:  # one expert for every token (typical while decoding one token)
@@ -137,6 +149,7 @@ class ExpandedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"num_experts={self.num_experts}, density={density:.3f}, bias={self.bias is not None}"
+            + (", reuse_routing=True" if self.reuse_routing else "")
         )
 
 

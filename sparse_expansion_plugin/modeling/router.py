@@ -101,6 +101,13 @@ class ExpertRouter(nn.Module):
         self._cache = (x, x._version, routing)
         return routing
 
+    @property
+    def last_routing(self) -> Routing:
+        """The routing computed by the latest call (the down projection reuses it when configured)."""
+        if self._cache is None:
+            raise RuntimeError("router has not routed anything yet: call it on the MLP input first")
+        return self._cache[2]
+
     def clear_cache(self) -> None:
         """Drop the cached input (it holds a reference to the last activation)."""
         self._cache = None

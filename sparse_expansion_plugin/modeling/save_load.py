@@ -67,6 +67,7 @@ def expansion_block(model: nn.Module) -> dict[str, Any]:
             "num_experts": layer.num_experts,
             "nnz_total": layer.values.numel(),
             "bias": layer.bias is not None,
+            "reuse_routing": bool(layer.reuse_routing),
         }
     return block
 
@@ -221,6 +222,7 @@ def load_expanded(
             routers[spec["router"]],
             bias=bool(spec["bias"]),
             dtype=model_dtype,
+            reuse_routing=bool(spec.get("reuse_routing", False)),
         )
         replace_module(model, name, layer)
 

@@ -62,7 +62,9 @@ class _Group:
     parent: str
     output: bool = False
     source: _Group | None = None  # for a down projection calibrated on expanded upstream outputs
+    shares: _Group | None = None  # for a down projection routed by the gate/up router
     batches: list[torch.Tensor] = field(default_factory=list)
+    fitted: Any = None  # the FittedRouter, kept while a down projection still needs it
     done: bool = False
 
     @property
@@ -120,6 +122,8 @@ class SparseExpansionModifier(Modifier):
     :param targets: linear names (suffixes) or ``re:`` regexes; default: every FFN linear
     :param ignore: names or ``re:`` regexes to leave dense
     :param share_gate_up_router: gate and up projections share one router (they see the same input)
+    :param share_router_with_down: the down projection reuses the gate/up routing of each
+        token (one router per MLP block) instead of clustering its own inputs
     :param down_calibration: ``dense``: the down projection's experts are fitted on the dense
         gate/up outputs of the calibration pass (as stock SparseGPT); ``expanded``: on the
         outputs of the already-expanded gate/up
@@ -147,6 +151,7 @@ class SparseExpansionModifier(Modifier):
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
     share_gate_up_router: bool = True
+    share_router_with_down: bool = False
     down_calibration: Literal["dense", "expanded"] = "dense"
     min_cluster_tokens: int = Field(default=0, ge=0)
     small_cluster_rule: Literal["global", "dampen", "merge"] = "global"
@@ -292,7 +297,15 @@ class SparseExpansionModifier(Modifier):
                         f"down_calibration='expanded' needs all of {block.inputs} expanded with one router "
                         "(share_gate_up_router: true and all of them in targets)"
                     )
-                groups.append(_Group([block.output], block.parent, output=True, source=expanded_source))
+                if self.share_router_with_down and source is None:
+                    raise ValueError(
+                        f"share_router_with_down needs all of {block.inputs} expanded with one router "
+                        "(share_gate_up_router: true and all of them in targets)"
+                    )
+                shares = source if self.share_router_with_down else None
+                groups.append(
+                    _Group([block.output], block.parent, output=True, source=expanded_source, shares=shares)
+                )
                 placed.add(block.output)
         for name in sorted(chosen - placed, key=list(dict(model.named_modules())).index):
             groups.append(_Group([name], name.rpartition(".")[0]))
@@ -324,8 +337,9 @@ class SparseExpansionModifier(Modifier):
             if group.batches:
                 self._expand_group(group)
         for group in self._groups:  # free inputs once every dependent group is done
-            if group.done and all(g.done for g in self._groups if g.source is group):
+            if group.done and all(g.done for g in self._groups if group in (g.source, g.shares)):
                 group.batches = []
+                group.fitted = None
 
     @torch.no_grad()
     def _recompute_from_expanded(self, group: _Group) -> None:
@@ -361,17 +375,25 @@ class SparseExpansionModifier(Modifier):
                 f"num_experts={self.num_experts} exceeds the {flat.shape[0]} calibration tokens seen by "
                 f"{group.names[0]}: use more calibration samples or fewer experts"
             )
-        fitted = fit_router(
-            flat,
-            self.num_experts,
-            components,
-            seed=self.seed,
-            kmeans_n_init=self.kmeans_n_init,
-            kmeans_max_iter=self.kmeans_max_iter,
-            max_fit_tokens=self.max_fit_tokens,
-        )
         notes: list[str] = []
-        if self.small_cluster_rule == "merge" and self.min_cluster_tokens:
+        if group.shares is not None:  # route by the gate/up router: same tokens, same order
+            fitted = group.shares.fitted
+            if fitted is None or len(fitted.assignment) != flat.shape[0]:
+                raise RuntimeError(
+                    f"{group.names[0]}: the gate/up routing of this layer is missing or covers a different "
+                    "number of tokens; share_router_with_down needs both in the same calibration pass"
+                )
+        else:
+            fitted = fit_router(
+                flat,
+                self.num_experts,
+                components,
+                seed=self.seed,
+                kmeans_n_init=self.kmeans_n_init,
+                kmeans_max_iter=self.kmeans_max_iter,
+                max_fit_tokens=self.max_fit_tokens,
+            )
+        if self.small_cluster_rule == "merge" and self.min_cluster_tokens and group.shares is None:
             while fitted.router.num_experts > 1:
                 counts = fitted.counts
                 smallest = int(counts.argmin())
@@ -400,7 +422,9 @@ class SparseExpansionModifier(Modifier):
             weight = _weight_as_out_in(module)
             pruned, keep = self._solve(weight, hessians)
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            expanded = ExpandedLinear.from_experts(pruned.to(weight.dtype), router, bias, keep)
+            expanded = ExpandedLinear.from_experts(
+                pruned.to(weight.dtype), router, bias, keep, reuse_routing=group.shares is not None
+            )
             replace_module(self._model, name, expanded.to(device))
             if self.materialize_while_calibrating:
                 expanded.materialize()
@@ -414,7 +438,9 @@ class SparseExpansionModifier(Modifier):
                     "seconds": time.perf_counter() - start,
                 }
             )
-        replace_module(self._model, group.router_name, router)
+        if group.shares is None:
+            replace_module(self._model, group.router_name, router)
+        group.fitted = fitted
         for note in notes:
             logger.info("SparseExpansion %s: %s", group.names[0], note)
         counts = torch.bincount(fitted.assignment, minlength=num_experts)
@@ -428,8 +454,9 @@ class SparseExpansionModifier(Modifier):
             time.perf_counter() - start,
         )
         group.done = True
-        if not any(g.source is group for g in self._groups):
+        if not any(group in (g.source, g.shares) for g in self._groups):
             group.batches = []
+            group.fitted = None
 
     def _solve(self, weight: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched SparseGPT of ``weight [out, in]`` under each of ``hessians [K, in, in]``, chunked over K."""
