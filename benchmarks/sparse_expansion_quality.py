@@ -13,7 +13,9 @@ larger WD by themselves, so the random partition is the fair reference).
 
 Variants are named on the command line:
   dense | sparsegpt | sparsegpt-2:4 | se:K | se:K:2:4 | se:K@S (sparsity S) |
-  random:K (random routing of the se:K experts) | wd:K (WD check with se:K's routers)
+  random:K (random routing of the se:K experts) | wd:K (WD check with se:K's routers) |
+  time:K (forward time of se:K on 8 x seq_len tokens / dense, compact and materialized experts;
+  benchmarks/sparse_expansion_speed.py is the full speed benchmark)
   and, for levers, se:K+field=value+field=value (extra SparseExpansionModifier fields for this run only)
 
     flock /tmp/heavy.lock python benchmarks/sparse_expansion_quality.py \
@@ -140,6 +142,18 @@ def wd_within_clusters(
     return summary, rows
 
 
+@torch.no_grad()
+def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 2) -> float:
+    """Median wall time of one forward of ``ids`` (after a warm-up)."""
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -231,6 +245,26 @@ def main(argv: list[str] | None = None) -> int:
             randomize_routing(model, args.seed)  # run wd:K before this: it uses the routers
             record(variant, model, None)
             del expanded[int(spec)]
+        elif kind == "time":
+            from sparse_expansion_plugin.modeling.expanded import materialize_experts
+
+            ids = token_windows(tokenizer, "evaluation", args.seq_len, 8)
+            model = expanded[int(spec)]
+            dense_s = forward_seconds(dense, ids)
+            compact_s = forward_seconds(model, ids)
+            extra_bytes = materialize_experts(model)
+            materialized_s = forward_seconds(model, ids)
+            materialize_experts(model, enable=False)
+            row = {
+                "variant": variant,
+                "dense_forward_s": dense_s,
+                "ratio_compact": compact_s / dense_s,
+                "ratio_materialized": materialized_s / dense_s,
+                "materialized_bytes": extra_bytes,
+            }
+            results.append(row)
+            logger.info("%s: %s", variant, row)
+            save()
         elif kind == "wd":
             windows = token_windows(tokenizer, "evaluation", args.seq_len, args.wd_windows)
             summary, rows = wd_within_clusters(dense, expanded[int(spec)], windows, top=0.01, seed=args.seed)
@@ -261,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
         print(f"| {r['variant']} | {r['ppl']:.3f} | {closed} | {size} | {seconds} |")
     for r in results:
+        if "ratio_compact" in r:
+            print(
+                f"\n{r['variant']}: forward 8x{args.seq_len} tokens / dense: compact experts "
+                f"{r['ratio_compact']:.2f}x, materialized {r['ratio_materialized']:.2f}x "
+                f"(+{r['materialized_bytes'] / 1e9:.2f} GB); dense {r['dense_forward_s']:.1f} s"
+            )
         if "wd" in r:
             print(
                 f"\n{r['variant']}: mean WD of each layer's top-1% WD gate neurons: "
