@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from sparse_expansion_plugin.metrics.moments import StreamingMoments
+from sparse_expansion_plugin.metrics.moments import StreamingMoments, power_sums
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -88,7 +88,7 @@ class StreamingWD:
     whose first and second moments are kept. Exact running moments (float64,
     shifted by ``m0``) give the true mean and variance, and at the end the
     histogram is mapped to standardised units and scored with the exact atom
-    formula. Memory: ``neurons * (num_bins + 2)`` int32 counts.
+    formula. Memory: ``neurons * (num_bins + 2)`` int32 counts plus reused chunk buffers.
 
     Error bound (``error_bound()``, standardised units): moving every value to
     its bin centre moves the distribution by at most half a bin width in W1,
@@ -119,6 +119,8 @@ class StreamingWD:
         self.width: torch.Tensor | None = None
         self.inv_width: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
+        self.chunk_tokens = 1024
+        self._shift32: torch.Tensor | None = None
 
     def _start(self, x: torch.Tensor) -> None:
         device = self.device or x.device
@@ -145,20 +147,55 @@ class StreamingWD:
             x = x.to(self.device)
         if self.counts is None:
             self._start(x)
+        for start in range(0, x.shape[0], self.chunk_tokens):
+            self._update_chunk(x[start : start + self.chunk_tokens])
+
+    def _update_chunk(self, x: torch.Tensor) -> None:
+        """Hot path of ``analyze``: every temporary lives in reused buffers of one chunk shape."""
         assert self.moments is not None and self.counts is not None and self.tail_sums is not None
-        self.moments.update(x)
+        assert self.lo is not None and self.inv_width is not None and self.offsets is not None
+        shift, d, scratch, index = self._chunk_buffers(x)
+        torch.sub(x, shift, out=d)
+        self.moments.add_power_sums(power_sums(d, scratch), x.shape[0])
         # Bin index per value: 0 = low tail, 1..num_bins = grid, num_bins + 1 = high tail.
-        # Hot path: clamp to [-1, bins] then shift by 1 before truncating to int, so
-        # truncation equals floor on the range that matters (int32: 6x faster than floor+long).
-        scaled = ((x - self.lo) * self.inv_width).clamp_(-1.0, float(self.num_bins)).add_(1.0)
-        flat = scaled.to(torch.int32) + self.offsets
-        self.counts += torch.bincount(flat.view(-1), minlength=self.counts.numel()).view_as(self.counts).int()
-        low, high = x < self.lo, scaled >= self.num_bins + 1
-        for side, mask in enumerate((low, high)):
+        # Clamp to [-1, bins] and add 1 before truncating to int, so truncation equals
+        # floor on the range that matters (int32 truncation: 6x faster than floor + long).
+        scaled = (
+            torch.sub(x, self.lo, out=scratch[0])
+            .mul_(self.inv_width)
+            .clamp_(-1.0, float(self.num_bins))
+            .add_(1.0)
+        )
+        index.copy_(scaled).add_(self.offsets)
+        self.counts += (
+            torch.bincount(index.view(-1), minlength=self.counts.numel()).view_as(self.counts).int()
+        )
+        for side, mask in enumerate((scaled < 1.0, scaled >= self.num_bins + 1)):
             if mask.any():
-                vals = torch.where(mask, x.double() - self.moments.shift, 0.0)
+                vals = torch.where(mask, d, 0.0).double()
                 self.tail_sums[side, 0] += vals.sum(dim=0)
                 self.tail_sums[side, 1] += (vals * vals).sum(dim=0)
+
+    # Scratch memory shared by every accumulator (hooks run one layer at a time),
+    # keyed by chunk shape and device: per-accumulator buffers cost 25 MB per layer.
+    _scratch: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _chunk_buffers(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.moments is not None and self.moments.shift is not None
+        if self._shift32 is None:
+            self._shift32 = self.moments.shift.float()
+        key = (x.shape[0], x.shape[1], str(x.device))
+        if key not in StreamingWD._scratch:
+            if len(StreamingWD._scratch) >= 4:  # a few shapes (e.g. gate/up and q_proj) stay cached
+                StreamingWD._scratch.clear()
+            StreamingWD._scratch[key] = (
+                torch.empty_like(x),
+                torch.empty((2, *x.shape), dtype=x.dtype, device=x.device),
+                torch.empty(x.shape, dtype=torch.int32, device=x.device),
+            )
+        return (self._shift32, *StreamingWD._scratch[key])
 
     def _atoms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Standardised atoms ``[bins + 2, neurons]``, their weights, sigma, and tail sds."""
