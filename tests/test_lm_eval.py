@@ -186,6 +186,43 @@ def test_choice_task_accuracy_equals_direct_scoring(tiny_dir, tokenizer):
     assert results[task]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
+def test_whitespace_only_context_is_kept_and_others_unchanged(tokenizer):
+    """lm-eval alone empties a whitespace-only context (then asserts); the fix keeps it, touching nothing else."""
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import TemplateLM
+
+    from sparse_expansion_plugin.evaluation.lm_eval_compat import keep_whitespace_only_context
+
+    keep_whitespace_only_context()
+    lm = SimpleNamespace(
+        backend="causal", tok_encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
+    newline = lm.tok_encode("\n")
+    context, continuation = TemplateLM._encode_pair(lm, "\n", "def f():")
+    assert context == newline and newline + continuation == lm.tok_encode("\ndef f():")
+    original = TemplateLM._encode_pair.__wrapped__
+    for pair in [("Hello", " world"), ("Hello ", "world"), ("x\n", "y")]:
+        assert TemplateLM._encode_pair(lm, *pair) == original(lm, *pair)
+
+
+def test_stock_lm_eval_gets_the_fix_from_the_task_file():
+    """``lm_eval --include_path`` imports tasks/utils.py only (not our model): that import must apply the fix."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('utils', {str(TASKS_DIR / 'utils.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "from lm_eval.api.model import TemplateLM\n"
+        "assert TemplateLM._encode_pair._sparse_expansion_keeps_whitespace_context\n"
+        "assert 'sparse_expansion_plugin.evaluation.lm_eval_model' not in sys.modules\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- the wrapper
 
 
