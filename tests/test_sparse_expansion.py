@@ -276,3 +276,26 @@ def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
     loaded = load_expanded(save_expanded(model, None, tmp_path / "shared"))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_cluster_hessians_and_shrinkage_against_direct_sums():
+    from sparse_expansion_plugin.expansion.hessians import cluster_hessians, regularized_hessians
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(1, 30, 6, generator=gen) for _ in range(4)]
+    assignments = [torch.randint(0, 3, (30,), generator=gen) for _ in range(4)]
+    stats = cluster_hessians(batches, assignments, 3)
+    x = torch.cat([b.reshape(-1, 6) for b in batches]).double()
+    a = torch.cat(assignments)
+    for k in range(3):
+        xk = x[a == k]
+        torch.testing.assert_close(stats.per_token(k).double(), xk.t() @ xk / len(xk), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.per_token().double(), x.t() @ x / len(x), rtol=1e-5, atol=1e-6)
+    shrunk, notes = regularized_hessians(
+        stats, shrinkage=0.25, min_cluster_tokens=10**6, small_cluster_rule="dampen"
+    )
+    assert len(notes) == 3 and all("dampening" in n for n in notes)
+    xk = x[a == 1]
+    mean = 0.75 * xk.t() @ xk / len(xk) + 0.25 * x.t() @ x / len(x)
+    expected = mean + 0.1 * mean.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(shrunk[1].double(), expected, rtol=1e-5, atol=1e-6)

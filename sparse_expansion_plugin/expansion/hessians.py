@@ -67,25 +67,39 @@ def cluster_hessians(
     tokens = [0] * num_experts
     global_samples = 0
     global_tokens = 0
-    for batch, assignment in zip(batches, assignments, strict=True):
-        batch = batch.to(device)
-        assignment = assignment.to(device)
-        flat = batch.reshape(-1, n)
-        global_tokens += flat.shape[0]
-        global_samples += batch.shape[0] if batch.dim() == 3 else 1
-        if num_experts == 1:
+    if num_experts == 1:  # stock SparseGPT's accumulation, batch by batch, operation for operation
+        for batch in batches:
+            batch = batch.to(device)
             hessians[0], samples[0] = accumulate_hessian(batch, hessians[0], samples[0])
-            tokens[0] += flat.shape[0]
-            continue
-        for k in torch.unique(assignment).tolist():
-            rows = flat[assignment == k]
-            hessians[k], samples[k] = accumulate_hessian(rows, hessians[k], samples[k])
-            tokens[k] += rows.shape[0]
-    if num_experts == 1:
-        global_h = hessians[0].clone()
-    else:  # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
-        gram = sum(hessians[k] * (samples[k] / 2.0) for k in range(num_experts) if samples[k])
-        global_h = gram * (2.0 / max(global_samples, 1))
+            tokens[0] += batch.reshape(-1, n).shape[0]
+            global_samples += batch.shape[0] if batch.dim() == 3 else 1
+        global_tokens = tokens[0]
+        return ClusterHessians(hessians, samples, tokens, hessians[0].clone(), global_samples, global_tokens)
+    # K > 1: one X_k^T X_k per cluster over all batches (not K x batches small products);
+    # samples[k] counts the batches holding cluster k, so H_k = 2 / samples[k] * X_k^T X_k
+    # is what accumulating batch by batch would give.
+    flat = torch.cat([b.reshape(-1, n) for b in batches]).to(device=device, dtype=SGPT_PRECISION)
+    assignment = torch.cat([a.reshape(-1) for a in assignments]).to(device)
+    if assignment.shape[0] != flat.shape[0]:
+        raise ValueError(f"{assignment.shape[0]} assignments for {flat.shape[0]} tokens")
+    for batch, batch_assignment in zip(batches, assignments, strict=True):
+        global_samples += batch.shape[0] if batch.dim() == 3 else 1
+        for k in torch.unique(batch_assignment).tolist():
+            samples[k] += 1
+    global_tokens = flat.shape[0]
+    order = torch.argsort(assignment, stable=True)
+    counts = torch.bincount(assignment, minlength=num_experts).tolist()
+    start = 0
+    for k, count in enumerate(counts):
+        if count:
+            rows = flat.index_select(0, order[start : start + count])
+            torch.matmul(rows.t(), rows, out=hessians[k])
+            hessians[k] *= 2.0 / samples[k]
+            tokens[k] = count
+            start += count
+    # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
+    gram = sum(hessians[k] * (samples[k] / 2.0) for k in range(num_experts) if samples[k])
+    global_h = gram * (2.0 / max(global_samples, 1))
     return ClusterHessians(hessians, samples, tokens, global_h, global_samples, global_tokens)
 
 
