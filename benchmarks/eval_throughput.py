@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved rounds of the three paths; best is kept"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,7 +88,7 @@ def main() -> None:
     # Interleave the paths so that load from other processes on the machine hits each alike; keep the best.
     times: dict[str, list[float]] = {"forward": [], "token_perplexity": [], "lm-eval": []}
     ppl = lm_ppl = float("nan")
-    for _ in range(2):
+    for _ in range(args.repeats):
         times["forward"].append(forward_seconds(model, windows, args.batch_size))
         start = time.perf_counter()
         ppl = token_perplexity(model, windows, args.batch_size, progress=False)
