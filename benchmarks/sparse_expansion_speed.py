@@ -9,6 +9,10 @@
 
     flock /tmp/heavy.lock python benchmarks/sparse_expansion_speed.py \
         --calibration-samples 32 --experts 16 --output bench-se/speed.json
+
+``--mlp-only`` times one MLP block of the model's shape (random 50% experts,
+router fitted on random inputs) against the dense block: a cheap (< 30 s) check
+of the routed layer itself, without compressing the model.
 """
 
 from __future__ import annotations
@@ -64,6 +68,53 @@ def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> 
     return statistics.median(times)
 
 
+@torch.no_grad()
+def mlp_block_ratios(model_name: str, experts: int, tokens: int, repeats: int) -> dict[str, float]:
+    """Forward time of one expanded MLP block / the dense block, compact and materialized."""
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from sparse_expansion_plugin.data.models import resolve_model_path
+    from sparse_expansion_plugin.expansion.clustering import fit_router
+    from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, materialize_experts
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+    torch.manual_seed(0)
+    dense = LlamaMLP(config).eval()
+    x = torch.randn(1, tokens, config.hidden_size)
+    mlp = LlamaMLP(config).eval()
+    router_in = fit_router(x[0, :4096], experts, max(1, config.hidden_size // 32)).router
+    router_down = fit_router(
+        torch.randn(4096, config.intermediate_size), experts, config.intermediate_size // 32
+    ).router
+    for name, router in (("gate_proj", router_in), ("up_proj", router_in), ("down_proj", router_down)):
+        weight = getattr(dense, name).weight
+        keep = torch.rand(experts, *weight.shape) > 0.5
+        setattr(
+            mlp, name, ExpandedLinear.from_experts(weight.expand(experts, -1, -1) * keep, router, keep=keep)
+        )
+    mlp.se_router_in, mlp.se_router_down = router_in, router_down
+
+    def seconds(module: torch.nn.Module) -> float:
+        module(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(x.clone())  # a new tensor each call, as in a model (no stale routing cache)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    dense_s = seconds(dense)
+    compact_s = seconds(mlp)
+    materialize_experts(mlp)
+    materialized_s = seconds(mlp)
+    return {
+        "mlp_dense_s": dense_s,
+        "mlp_ratio_compact": compact_s / dense_s,
+        "mlp_ratio_materialized": materialized_s / dense_s,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -74,8 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-compression-baseline", action="store_true", help="time only the expanded run")
+    parser.add_argument("--mlp-only", action="store_true", help="only time one MLP block (cheap)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.mlp_only:
+        ratios = mlp_block_ratios(args.model, args.experts, args.forward_batch * args.seq_len, args.repeats)
+        print(
+            f"one MLP block, {args.forward_batch}x{args.seq_len} tokens, K={args.experts}, "
+            f"{torch.get_num_threads()} threads: dense {ratios['mlp_dense_s'] * 1e3:.0f} ms; expanded "
+            f"compact {ratios['mlp_ratio_compact']:.2f}x, materialized {ratios['mlp_ratio_materialized']:.2f}x"
+        )
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 

@@ -75,7 +75,7 @@ def test_batched_equals_one_token_at_a_time_and_materialized():
     model = torch.nn.Sequential(layer, router)
     assert is_expanded(model)
     assert materialize_experts(model) == 6 * 16 * 8 * 4
-    torch.testing.assert_close(layer(x.clone()), batched, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x.clone()), batched, rtol=1e-6, atol=1e-6)  # GEMM layout differs
     materialize_experts(model, enable=False)
     assert layer.dense_experts is None
 

@@ -99,9 +99,9 @@ class ExpandedLinear(nn.Module):
         return layer
 
     def expert_weight(self, k: int) -> Tensor:
-        """Dense weight ``[out, in]`` of expert ``k`` (unpacked unless materialized)."""
+        """Dense weight ``[out, in]`` of expert ``k`` (unpacked, or a transposed view when materialized)."""
         if self.dense_experts is not None:
-            return self.dense_experts[k]
+            return self.dense_experts[k].t()
         offset = int(self.nnz[:k].sum()) if k else 0
         return unpack_expert(self.values, self.mask[k], offset, self.in_features)
 
@@ -140,7 +140,11 @@ class ExpandedLinear(nn.Module):
             self.dense_experts = None
             return 0
         self.dense_experts = None
-        self.dense_experts = torch.stack([self.expert_weight(k) for k in range(self.num_experts)])
+        # stored [K, in, out]: ``x @ W_k^T`` is then a plain (non-transposed) GEMM, which measured
+        # faster for the per-expert row blocks than the transposed layout on CPU
+        self.dense_experts = torch.stack(
+            [self.expert_weight(k).t().contiguous() for k in range(self.num_experts)]
+        )
         return self.dense_experts.numel() * self.dense_experts.element_size()
 
     def extra_repr(self) -> str:
