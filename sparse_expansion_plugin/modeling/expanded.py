@@ -117,7 +117,11 @@ class ExpandedLinear(nn.Module):
         if len(used) == 1:  # one expert for every token (typical while decoding one token)
             out = flat @ self.expert_weight(used[0]).t()
         else:
-            grouped = flat.index_select(0, routing.order)
+            grouped = routing.grouped_input
+            if self.reuse_routing or grouped is None or grouped.dtype != flat.dtype:
+                grouped = flat.index_select(0, routing.order)  # gather once per input, not per linear
+                if not self.reuse_routing:
+                    routing.grouped_input = grouped
             parts, start = [], 0
             for k, count in enumerate(routing.counts):
                 if count:

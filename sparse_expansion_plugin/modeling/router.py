@@ -44,6 +44,7 @@ class Routing:
     assignment: Tensor
     order: Tensor
     counts: list[int]
+    grouped_input: Tensor | None = None  # the routed input's rows in ``order``, shared by gate and up
 
 
 class ExpertRouter(nn.Module):
