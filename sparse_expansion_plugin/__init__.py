@@ -2,7 +2,8 @@
 
 Importing the package registers its llm-compressor modifiers by name, so a
 YAML recipe can say ``WassersteinSparseGPTModifier`` or
-``SparseExpansionModifier`` like a built-in.
+``SparseExpansionModifier`` like a built-in, and the lm-eval model
+``sparse-expansion`` (lazily: the wrapper loads only when it is asked for).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from sparse_expansion_plugin.evaluation.lm_eval_registry import register_lm_eval_model
 from sparse_expansion_plugin.modifiers import MODIFIER_MODULES, register_modifiers
 
 __version__ = "0.1.0"
@@ -22,9 +24,13 @@ _LAZY: dict[str, str] = {
     "token_perplexity": "sparse_expansion_plugin.evaluation.perplexity",
     "wd_to_gaussian": "sparse_expansion_plugin.metrics.wasserstein",
     "mapping_difficulty": "sparse_expansion_plugin.metrics.mapping",
+    "load_expanded": "sparse_expansion_plugin.modeling.save_load",
+    "save_expanded": "sparse_expansion_plugin.modeling.save_load",
+    "analyze_model": "sparse_expansion_plugin.analysis.analyze",
 }
 
 register_modifiers()
+register_lm_eval_model()
 
 
 def __getattr__(name: str) -> Any:
