@@ -42,7 +42,7 @@ class DemoConfig:
     model: str = "smollm2-135m"
     sparsity: float = 0.5
     num_experts: int = 16
-    calibration_samples: int = 32
+    calibration_samples: int = 16
     seq_len: int = 512
     eval_windows: int = 12
     analysis_windows: int = 8
