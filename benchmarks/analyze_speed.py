@@ -52,10 +52,14 @@ def main() -> None:
     collect_neuron_statistics(model, windows, names, args.batch_size, args.pairs, progress=False)
     t_analyze = time.perf_counter() - start
     t_forward = min(t_forward, forward_seconds(model, windows, args.batch_size))
-    print(f"model {args.model}: {len(names)} FFN input projections, {tokens} tokens, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {len(names)} FFN input projections, {tokens} tokens, {torch.get_num_threads()} threads"
+    )
     print(f"forward only : {tokens / t_forward:10.1f} tokens/s ({t_forward:.1f} s)")
     print(f"analyze      : {tokens / t_analyze:10.1f} tokens/s ({t_analyze:.1f} s)")
-    print(f"analyze / forward time: {t_analyze / t_forward:.2f}x (goal <= 2.0x: statistics cost at most the forward again)")
+    print(
+        f"analyze / forward time: {t_analyze / t_forward:.2f}x (goal <= 2.0x: statistics cost at most the forward again)"
+    )
     print(f"peak RSS: {peak_rss_gib():.2f} GiB (after model load and warm-up: {rss_before:.2f} GiB)")
 
 
