@@ -14,7 +14,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_tiny_llama(
-    seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 64, vocab: int = 128
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 32,
+    intermediate: int = 64,
+    vocab: int = 128,
+    mlp_bias: bool = False,
 ):
     """A random LlamaForCausalLM small enough for unit tests (not for quality claims)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,6 +37,7 @@ def make_tiny_llama(
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        mlp_bias=mlp_bias,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -19,21 +19,8 @@ from sparse_expansion_plugin.modeling.targets import ffn_blocks, select_linears
 from tests.conftest import make_tiny_llama
 
 
-def _biased_tiny_llama(vocab: int = 128):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mlp_bias=True,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+def _biased_tiny_llama():
+    return make_tiny_llama(intermediate=48, mlp_bias=True)
 
 
 def _mlp_inputs(model, windows):
