@@ -33,7 +33,13 @@ def window_nlls(
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress or len(batches) < 2):
         ids = windows[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        # Rows of [tokens, vocab], not ``cross_entropy(logits.transpose(1, 2), ...)``: the log-softmax
+        # over a strided class dimension accumulates its float32 sum less accurately (measured on
+        # SmolLM2: 1.3e-4 nats per token too low against float64; the contiguous one is within 1e-5,
+        # and is what lm-eval computes).
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view(len(ids), -1)
         out[start : start + len(ids)] = nll.double().sum(dim=1).cpu()
     return out
 
