@@ -99,12 +99,13 @@ def capture_at_tokens(
             lo, hi = state["start"], state["start"] + x.shape[0]
             rows = ((positions >= lo) & (positions < hi)).nonzero().flatten()
             slot = captures[name]
-            if slot[0] is None:
-                slot[0] = torch.zeros(len(positions), x.shape[1], dtype=x.dtype)
-                slot[1] = torch.zeros(len(positions), y.shape[1], dtype=y.dtype)
+            inputs, outputs = slot
+            if inputs is None or outputs is None:  # first call: both are allocated together
+                inputs = slot[0] = torch.zeros(len(positions), x.shape[1], dtype=x.dtype)
+                outputs = slot[1] = torch.zeros(len(positions), y.shape[1], dtype=y.dtype)
             local = (positions[rows] - lo).to(x.device)
-            slot[0][rows] = x[local].cpu()
-            slot[1][rows] = y[local].cpu()
+            inputs[rows] = x[local].cpu()
+            outputs[rows] = y[local].cpu()
 
         return hook
 
@@ -196,7 +197,7 @@ def top_neurons_by_md(oi: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 def high_effort_pool(top_oi: torch.Tensor, pairs_per_neuron: int) -> torch.Tensor:
     """``[k * m, 2]`` rows of (neuron rank, pair index): each neuron's ``m`` highest-OI pairs (NaN never)."""
     filled = torch.nan_to_num(top_oi, nan=-torch.inf)
-    rows = []
+    rows: list[tuple[int, int]] = []
     for rank in range(top_oi.shape[1]):
         order = torch.sort(filled[:, rank], descending=True, stable=True).indices[:pairs_per_neuron]
         rows.extend((rank, int(p)) for p in order)

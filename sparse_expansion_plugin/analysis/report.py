@@ -44,7 +44,7 @@ def write_neuron_table(stats: dict[str, NeuronStatistics], path: Path) -> None:
 
 def layer_summary(stats: dict[str, NeuronStatistics], threshold: float) -> list[dict[str, float | int | str]]:
     """Per layer: mean / max WD, how many neurons exceed ``threshold``, MD, and how WD ranks against the baselines."""
-    rows = []
+    rows: list[dict[str, float | int | str]] = []
     for name, s in stats.items():
         wd = s.wd.double()
         rows.append(

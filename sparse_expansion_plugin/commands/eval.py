@@ -16,12 +16,22 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PerplexityRow(TypedDict):
+    """One row of :func:`perplexity_table` (and of ``--json``'s ``rows``)."""
+
+    source: str
+    windows: int
+    predicted_tokens: int
+    token_perplexity: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,14 +91,14 @@ def window_sources(tokenizer, windows: torch.Tensor, sources: tuple[str, ...]) -
 
 def perplexity_table(
     model, tokenizer, seq_len: int, num_windows: int | None, sources: tuple[str, ...], batch_size: int
-):
+) -> list[PerplexityRow]:
     """Rows ``{source, windows, predicted_tokens, token_perplexity}`` per source, then ``all``."""
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 
     windows = token_windows(tokenizer, "evaluation", seq_len, num_windows, sources)
     labels = window_sources(tokenizer, windows, sources) if len(sources) > 1 else [sources[0]] * len(windows)
-    rows = []
+    rows: list[PerplexityRow] = []
     for source in sources:
         mask = torch.tensor([label == source for label in labels])
         if mask.any():
@@ -110,7 +120,7 @@ def perplexity_table(
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[PerplexityRow]) -> str:
     lines = [f"{'source':<14}{'windows':>9}{'tokens':>10}{'token_ppl':>12}"]
     lines += [
         f"{r['source']:<14}{r['windows']:>9}{r['predicted_tokens']:>10}{r['token_perplexity']:>12.4f}"

@@ -115,7 +115,7 @@ class SparseExpansionLM(HFLM):
             kwargs["tokenizer"] = resolve_model_path(str(kwargs["tokenizer"]))
         super().__init__(pretrained=pretrained, **kwargs)
         accelerator = getattr(self, "accelerator", None)
-        if accelerator is not None and accelerator.num_processes > 1 and self._world_size == 1:
+        if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
             # HFLM shards documents over processes only when it counts more than one GPU.
             self._rank = accelerator.process_index
             self._world_size = accelerator.num_processes

@@ -70,6 +70,8 @@ def token_perplexity_docs(
     for index, row in enumerate(windows.tolist()):
         context = tokenizer.decode(row[:1])
         continuation = tokenizer.decode(row[1:])
+        if not isinstance(context, str) or not isinstance(continuation, str):  # one id list -> one string
+            raise TypeError(f"{type(tokenizer).__name__}.decode returned a list for one window's token ids")
         ctx, cont = _lmeval_encode_pair(tokenizer, context, continuation)
         if ctx != row[:1] or cont != row[1:]:
             raise ValueError(

@@ -37,6 +37,8 @@ class FittedRouter:
 
     def transform(self, x: Tensor) -> Tensor:
         """PCA projection ``[N, r]`` of ``x [N, d]`` (float64), as ``sklearn.PCA.transform``."""
+        if self.mean is None or self.components is None:
+            raise ValueError("this router was fitted without PCA (one expert): there is no projection")
         return (x.double() - self.mean) @ self.components.t()
 
     @property

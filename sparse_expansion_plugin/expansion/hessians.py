@@ -98,7 +98,10 @@ def cluster_hessians(
             tokens[k] = count
             start += count
     # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
-    gram = sum(hessians[k] * (samples[k] / 2.0) for k in range(num_experts) if samples[k])
+    gram = torch.zeros_like(hessians[0])
+    for k in range(num_experts):
+        if samples[k]:
+            gram += hessians[k] * (samples[k] / 2.0)
     global_h = gram * (2.0 / max(global_samples, 1))
     return ClusterHessians(hessians, samples, tokens, global_h, global_samples, global_tokens)
 
@@ -130,22 +133,33 @@ def regularized_hessians(
     num_experts = stats.hessians.shape[0]
     out = stats.hessians.clone()
     notes: list[str] = []
+    # one expert without shrinkage keeps its Hessian as accumulated (stock SparseGPT's), so no global mean
     global_mean = stats.per_token() if (shrinkage > 0 or num_experts > 1) else None
+
+    def global_hessian(k: int) -> Tensor:
+        if global_mean is None:
+            raise ValueError(
+                f"expert {k}, the only one, has {stats.tokens[k]} calibration tokens (min_cluster_tokens="
+                f"{min_cluster_tokens}) and no other cluster's Hessian to fall back on: "
+                "lower min_cluster_tokens or use more calibration data"
+            )
+        return global_mean
+
     for k in range(num_experts):
         count = stats.tokens[k]
         if count == 0:
-            out[k] = global_mean
+            out[k] = global_hessian(k)
             notes.append(f"expert {k}: no calibration tokens, using the global Hessian")
             continue
         if count < min_cluster_tokens:
             if small_cluster_rule in ("global", "merge"):
-                out[k] = global_mean
+                out[k] = global_hessian(k)
                 notes.append(f"expert {k}: {count} tokens < {min_cluster_tokens}, using the global Hessian")
                 continue
             mean = (
                 stats.per_token(k)
                 if shrinkage <= 0
-                else (1 - shrinkage) * stats.per_token(k) + shrinkage * global_mean
+                else (1 - shrinkage) * stats.per_token(k) + shrinkage * global_hessian(k)
             )
             extra = small_cluster_dampening * mean.diagonal().mean()
             out[k] = mean + extra * torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
@@ -154,5 +168,5 @@ def regularized_hessians(
             )
             continue
         if shrinkage > 0:
-            out[k] = (1 - shrinkage) * stats.per_token(k) + shrinkage * global_mean
+            out[k] = (1 - shrinkage) * stats.per_token(k) + shrinkage * global_hessian(k)
     return out, notes

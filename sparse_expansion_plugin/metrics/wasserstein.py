@@ -202,6 +202,7 @@ class StreamingWD:
         if self.counts is None or self.moments is None or self.moments.count < 2:
             raise ValueError("StreamingWD needs at least two tokens before wd() is asked")
         assert self.lo is not None and self.width is not None and self.tail_sums is not None
+        assert self.moments.shift is not None  # set by _start
         n = float(self.moments.count)
         mean = self.moments.mean()
         sigma = self.moments.variance().sqrt()

@@ -50,8 +50,8 @@ def unpack_mask(mask: Tensor, in_features: int) -> Tensor:
         shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=mask.device)
         bits = (mask.unsqueeze(-1) >> shifts) & 1
         return bits.flatten(-2)[..., :in_features].bool()
-    bits = np.unpackbits(mask.detach().numpy(), axis=-1, count=in_features)
-    return torch.from_numpy(bits.view(np.bool_))
+    unpacked = np.unpackbits(mask.detach().numpy(), axis=-1, count=in_features)
+    return torch.from_numpy(unpacked.view(np.bool_))
 
 
 def unpack_expert(values: Tensor, mask: Tensor, offset: int, in_features: int) -> Tensor:

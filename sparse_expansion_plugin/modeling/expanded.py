@@ -28,6 +28,12 @@ class ExpandedLinear(nn.Module):
     it is passed in and held by reference.
     """
 
+    values: Tensor
+    mask: Tensor
+    nnz: Tensor
+    bias: nn.Parameter | None
+    dense_experts: Tensor | None  # non-persistent buffer: ``[K, in, out]`` when materialized
+
     def __init__(
         self,
         in_features: int,
@@ -94,7 +100,7 @@ class ExpandedLinear(nn.Module):
         layer.values.copy_(values)
         layer.mask.copy_(mask)
         layer.nnz.copy_(nnz)
-        if bias is not None:
+        if bias is not None and layer.bias is not None:  # built with a bias exactly when one is given
             layer.bias.data.copy_(bias.detach())
         return layer
 

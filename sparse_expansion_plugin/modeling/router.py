@@ -54,6 +54,9 @@ class ExpertRouter(nn.Module):
     model's dtype (a bf16 router would move tokens across cluster borders).
     """
 
+    weight: Tensor
+    bias: Tensor
+
     def __init__(self, in_features: int, num_experts: int) -> None:
         super().__init__()
         self.in_features = in_features

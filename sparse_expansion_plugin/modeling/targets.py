@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 import torch.nn as nn
+from torch import Tensor
 
 # (mlp input projections, mlp output projection); names are the last path component
 # and must sit under an MLP-like parent so attention's c_proj/dense are not matched.
@@ -48,6 +49,16 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def module_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` (a Linear's or Conv1D's parameter), typed; raises if it is not a tensor."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(
+            f"{type(module).__name__} has no weight tensor (its weight is {type(weight).__name__})"
+        )
+    return weight
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every linear (or GPT-2 Conv1D) module of the model."""
     return [name for name, module in model.named_modules() if _is_linear(module)]
@@ -69,7 +80,7 @@ def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
             slot["in"].append(name)
         elif leaf in outputs_all:
             slot["out"].append(name)
-    blocks = []
+    blocks: list[FFNBlock] = []
     for parent, slot in by_parent.items():
         if not slot["in"]:
             continue

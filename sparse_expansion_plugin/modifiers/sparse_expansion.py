@@ -43,7 +43,7 @@ from sparse_expansion_plugin.expansion.hessians import (
     regularized_hessians,
 )
 from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, replace_module
-from sparse_expansion_plugin.modeling.targets import ffn_blocks, select_linears
+from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight, select_linears
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class _Group:
 
 def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
     """The module's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
-    weight = module.weight.detach()
+    weight = module_weight(module).detach()
     return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
@@ -234,7 +234,9 @@ class SparseExpansionModifier(Modifier):
             module = self._model.get_submodule(group.names[0])
             self.register_hook(module, self._capture(group), "forward")
 
-    def on_sequential_epoch_end(self, state: State, event: Event, **kwargs: Any) -> None:
+    def on_sequential_epoch_end(
+        self, state: State, event: Event, modules: list[nn.Module] | None = None, **kwargs: Any
+    ) -> None:
         """Expand every group calibrated in this epoch (the first epoch, embeddings, has none)."""
         self._expand_calibrated()
 
@@ -243,8 +245,6 @@ class SparseExpansionModifier(Modifier):
         self.remove_hooks()
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
-        if not self.ended_:
-            self.on_end(state, None)
         self.remove_hooks()
         self._release_materialized()
         left = [g.names[0] for g in self._groups if not g.done]
@@ -344,6 +344,9 @@ class SparseExpansionModifier(Modifier):
     @torch.no_grad()
     def _recompute_from_expanded(self, group: _Group) -> None:
         """Down-projection inputs from the expanded gate/up: run the MLP on its kept inputs."""
+        source = group.source
+        if source is None:
+            raise RuntimeError(f"{group.names[0]} has no expanded gate/up group to recompute its inputs from")
         mlp = self._model.get_submodule(group.parent)
         down = self._model.get_submodule(group.names[0])
         captured: list[torch.Tensor] = []
@@ -356,7 +359,7 @@ class SparseExpansionModifier(Modifier):
         dtype = down.weight.dtype
         try:
             with HooksMixin.disable_hooks():
-                for batch in group.source.batches:
+                for batch in source.batches:
                     mlp(batch.to(device=device, dtype=dtype))
         finally:
             handle.remove()

@@ -58,6 +58,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from sparse_expansion_plugin.modeling.targets import module_weight
 from sparse_expansion_plugin.modifiers import allocation
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 
@@ -237,14 +238,15 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
 
     def _scores(self, module: torch.nn.Module, hessian: torch.Tensor, index: int) -> torch.Tensor:
         """Score per row (unstructured) or per input column (N:M) of one module: ``[out]`` or ``[in]``."""
-        size = module.weight.shape[1] if self._structured else module.weight.shape[0]
+        shape = module_weight(module).shape
+        size = shape[1] if self._structured else shape[0]
         if self.score == "random":
             generator = torch.Generator().manual_seed(self.seed * 100003 + index)
             return torch.rand(size, generator=generator)
         if self.score == "owl":
             # ||x_j||^2 is proportional to the Hessian diagonal (H = 2/N sum x x^T).
             sq = hessian.diagonal().float().cpu()
-            weight = module.weight.detach().float().cpu()
+            weight = module_weight(module).detach().float().cpu()
             if self._structured:
                 outliers = weight.abs() * sq.sqrt()[None, :]
                 return (outliers > self.owl_threshold * outliers.mean()).float().mean(dim=0)
@@ -378,7 +380,9 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             if self.score == "random":
                 value = torch.rand(1, generator=generator)
             elif self.score == "owl":
-                value = module.weight.detach().abs().float().cpu() * sq_sums[name].cpu().sqrt()[None, :]
+                value = (
+                    module_weight(module).detach().abs().float().cpu() * sq_sums[name].cpu().sqrt()[None, :]
+                )
             elif self.score == "wd":
                 value = stats[name].wd().float().cpu()  # type: ignore[attr-defined]
             elif self.score == "kurtosis":
@@ -407,10 +411,11 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
     def _exact_layer_budgets(self) -> dict[torch.nn.Module, int]:
         """Integer zeros per module: layer sparsities, rescaled to uniform SparseGPT's exact total."""
         modules = list(self._module_names.items())
-        sizes = [m.weight.numel() for m, _ in modules]
+        shapes = [module_weight(m).shape for m, _ in modules]
+        sizes = [shape.numel() for shape in shapes]
         total = sum(
-            allocation.stock_zero_count(m.weight.shape[0], m.weight.shape[1], self.sparsity, self.block_size)
-            for m, _ in modules
+            allocation.stock_zero_count(shape[0], shape[1], self.sparsity, self.block_size)
+            for shape in shapes
         )
         fractions = [self._layer_sparsity.get(self._layer_of(name), self.sparsity) for _, name in modules]
         budgets = allocation.exact_zero_budgets(sizes, fractions, total)
