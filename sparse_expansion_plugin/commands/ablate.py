@@ -14,12 +14,7 @@ import argparse
 import csv
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,33 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output unless ``overwrite`` (checked before any heavy work)."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output directory {path} already exists; pass --overwrite or choose another")
-
-
-@contextmanager
-def staged_output_dir(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; on success move it to ``path`` (replacing it only if
-    ``overwrite``), on failure delete it, so no half-written output is ever left at ``path``."""
-    path = Path(path)
-    check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
-            os.replace(path, old / "old")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.analysis.ablation import (
         ablation_targets,
@@ -101,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.data.text import token_windows
+    from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
     for p in args.percents:
         check_percent(p)
@@ -136,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     top = torch.sort(scores[name], descending=True, stable=True).indices[: args.histogram_neurons]
     pre, post = pre_post_activations(model, calib[: args.histogram_windows], name, top, args.batch_size)
 
-    with staged_output_dir(args.output_dir, args.overwrite) as out:
+    with atomic_output_dir(args.output_dir, args.overwrite) as out:
         summary = {
             "model": args.model,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

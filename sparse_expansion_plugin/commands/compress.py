@@ -4,21 +4,19 @@ The recipe is validated before the model is loaded (a flat or misspelt recipe
 fails in a second, not after calibration). Calibration uses the package's
 calibration text (disjoint from the evaluation text). The result is written to
 a temporary directory next to ``DIR`` and renamed at the end, so a crash
-leaves nothing half-written and an existing ``DIR`` is replaced only with
-``--overwrite``. A pruned model is saved as a plain Hugging Face directory
-(dense weights with zeros; sparse formats are gone from compressed-tensors)
-that reloads with ``AutoModelForCausalLM.from_pretrained``; a model with
-Sparse Expansion layers is saved with ``save_expanded``. ``recipe.yaml`` goes
-next to the weights either way.
+leaves nothing half-written and an existing ``DIR`` with files in it is
+replaced only with ``--overwrite``. A pruned model is saved as a plain
+Hugging Face directory (dense weights with zeros; sparse formats are gone
+from compressed-tensors) that reloads with
+``AutoModelForCausalLM.from_pretrained``; a model with Sparse Expansion
+layers is saved with ``save_expanded``. ``recipe.yaml`` goes next to the
+weights either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,17 +75,6 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
     return target
 
 
-def _publish(staged: Path, output: Path) -> None:
-    """Move ``staged`` to ``output``, replacing an existing one only after the new one is complete."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staged, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, output)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
     from llmcompressor import oneshot
@@ -95,10 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.data import load_model_and_tokenizer
     from sparse_expansion_plugin.data.calibration import calibration_dataset
     from sparse_expansion_plugin.modifiers.recipes import load_recipe
+    from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"output {output} already exists; choose another --output or pass --overwrite")
+    output = check_output_dir(args.output, args.overwrite)
     if args.num_calibration_samples < 1 or args.seq_len < 2:
         raise ValueError("--num-calibration-samples must be >= 1 and --seq-len >= 2")
     recipe = load_recipe(args.recipe)
@@ -120,12 +106,9 @@ def run(args: argparse.Namespace) -> int:
     )
     logger.info("oneshot took %.1f s", time.perf_counter() - start)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        _publish(_save(model, tokenizer, recipe, staging), output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staging_dir(output) as staging:
+        # Checked before calibration; an output that appeared since is replaced only with --overwrite.
+        publish_dir(_save(model, tokenizer, recipe, staging), output, replace=args.overwrite)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     total = sum(m.weight.numel() for m in linears)

@@ -12,8 +12,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TypedDict
@@ -129,22 +127,10 @@ def format_table(rows: list[PerplexityRow]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside ``path`` and rename, so no half-written file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
     from sparse_expansion_plugin.evaluation.task_docs import parse_sources
+    from sparse_expansion_plugin.outputs import atomic_write_text
 
     if args.json is not None and args.json.exists() and not args.overwrite:
         raise FileExistsError(
@@ -180,6 +166,6 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "rows": rows,
         }
-        write_json_atomically(args.json, payload)
+        atomic_write_text(args.json, json.dumps(payload, indent=2))
         logger.info("wrote %s", args.json)
     return 0

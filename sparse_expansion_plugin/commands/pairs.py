@@ -49,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.analysis.ablation_plots import plot_neuron_pairs, plot_zscores
     from sparse_expansion_plugin.analysis.pairs import analyze_pairs, pair_modules, pair_records
-    from sparse_expansion_plugin.commands.ablate import check_output_dir, staged_output_dir
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.data.text import token_windows
+    from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite)
     started = time.perf_counter()
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     negative = sum(s == "negative" for r in records for s in r.sides)
-    with staged_output_dir(args.output_dir, args.overwrite) as out:
+    with atomic_output_dir(args.output_dir, args.overwrite) as out:
         summary = {
             "model": args.model,
             "layer": layer,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sparse_expansion_plugin.outputs import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +72,15 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     clear_quantization_state(model)
     model.config.name_or_path = str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with staging_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:
-            os.replace(tmp, target)
+            publish_dir(tmp, target, replace=False)
         except OSError:
-            # Another process converted it first: theirs is as good as ours.
+            # Another process converted it first: theirs is as good as ours, and may be in use.
             if not (target / "config.json").is_file():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from sparse_expansion_plugin.modeling.expanded import (
     replace_module,
 )
 from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.outputs import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +91,12 @@ def save_expanded(
     """Write an expanded ``model`` (and ``tokenizer``, may be None) to ``output_dir``; return its path.
 
     Loadable by ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` and by
-    :func:`load_expanded`. Refuses to replace an existing directory unless ``overwrite``.
+    :func:`load_expanded`. Refuses to replace an existing directory with files in it unless
+    ``overwrite``; written atomically (``outputs.atomic_output_dir``).
     """
     if not is_expanded(model):
         raise ValueError("model has no ExpandedLinear layers; save it with model.save_pretrained instead")
-    target = Path(output_dir)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another output or pass overwrite=True")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_output_dir(output_dir, overwrite) as tmp:
         config = copy.deepcopy(model.config)
         setattr(config, CONFIG_KEY, expansion_block(model))
         config.auto_map = dict(AUTO_MAP)
@@ -113,15 +109,7 @@ def save_expanded(
         shutil.copy2(REMOTE_CODE, tmp / REMOTE_CODE.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = Path(output_dir)
     logger.info("saved expanded model (%d expanded linears) to %s", len(expanded_linears(model)), target)
     return target
 
