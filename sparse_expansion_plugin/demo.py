@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from sparse_expansion_plugin.analysis.analyze import AnalysisConfig, analyze_model
-from sparse_expansion_plugin.data.calibration import calibration_dataset
+from sparse_expansion_plugin.compression import load_and_compress
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
@@ -60,24 +59,6 @@ def _ffn_bytes(model: torch.nn.Module, compact: bool) -> int:
             else:
                 total += weight.numel() * weight.element_size()
     return total
-
-
-def _oneshot(config: DemoConfig, modifier: Any) -> tuple[torch.nn.Module, Any, float]:
-    from llmcompressor import oneshot
-
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    dataset = calibration_dataset(tokenizer, config.calibration_samples, config.seq_len)
-    torch.manual_seed(config.seed)  # oneshot shuffles calibration samples with the global RNG
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        dataset=dataset,
-        recipe=[modifier],
-        num_calibration_samples=config.calibration_samples,
-        max_seq_length=config.seq_len,
-    )
-    return model, tokenizer, time.perf_counter() - start
 
 
 def run_demo(
@@ -123,7 +104,9 @@ def run_demo(
 
         logger.info("step 3/4: stock SparseGPT %.0f%% on the FFN linears", 100 * config.sparsity)
         sgpt = SparseGPTModifier(sparsity=config.sparsity, mask_structure="0:0", targets=targets)
-        model, tokenizer, seconds = _oneshot(config, sgpt)
+        model, tokenizer, seconds = load_and_compress(
+            config.model, [sgpt], config.calibration_samples, config.seq_len, config.seed
+        )
         record(f"SparseGPT {config.sparsity:.0%}", model, seconds, _ffn_bytes(model, compact=True))
         type(model).save_pretrained(model, tmp / "sparsegpt")
         tokenizer.save_pretrained(tmp / "sparsegpt")
@@ -135,7 +118,9 @@ def run_demo(
         se = SparseExpansionModifier(
             sparsity=config.sparsity, num_experts=config.num_experts, seed=config.seed
         )
-        model, tokenizer, seconds = _oneshot(config, se)
+        model, tokenizer, seconds = load_and_compress(
+            config.model, [se], config.calibration_samples, config.seq_len, config.seed
+        )
         cost = expansion_cost(model)
         record(f"Sparse Expansion K={config.num_experts}", model, seconds, cost.expanded_bytes)
         save_expanded(model, tokenizer, tmp / "sparse_expansion")

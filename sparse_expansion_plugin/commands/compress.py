@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -77,10 +76,8 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from llmcompressor import oneshot
 
-    from sparse_expansion_plugin.data import load_model_and_tokenizer
-    from sparse_expansion_plugin.data.calibration import calibration_dataset
+    from sparse_expansion_plugin.compression import load_and_compress
     from sparse_expansion_plugin.modifiers.recipes import load_recipe
     from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
@@ -90,21 +87,15 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     logger.info("recipe %s: %s", args.recipe, ", ".join(type(m).__name__ for m in recipe.modifiers))
 
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    dataset = calibration_dataset(
-        tokenizer, args.num_calibration_samples, args.seq_len, args.calibration_text
+    model, tokenizer, seconds = load_and_compress(
+        args.model,
+        recipe,
+        args.num_calibration_samples,
+        args.seq_len,
+        args.seed,
+        args.calibration_text,
     )
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        dataset=dataset,
-        recipe=recipe,
-        num_calibration_samples=args.num_calibration_samples,
-        max_seq_length=args.seq_len,
-    )
-    logger.info("oneshot took %.1f s", time.perf_counter() - start)
+    logger.info("oneshot took %.1f s", seconds)
 
     with staging_dir(output) as staging:
         # Checked before calibration; an output that appeared since is replaced only with --overwrite.
