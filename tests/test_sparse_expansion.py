@@ -299,3 +299,17 @@ def test_cluster_hessians_and_shrinkage_against_direct_sums():
     mean = 0.75 * xk.t() @ xk / len(xk) + 0.25 * x.t() @ x / len(x)
     expected = mean + 0.1 * mean.diagonal().mean() * torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(shrunk[1].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_single_expert_below_min_cluster_tokens_keeps_its_own_hessian():
+    """With one expert the 'global' fallback is the expert's own Hessian: stock SparseGPT's, unchanged."""
+    from sparse_expansion_plugin.expansion.hessians import cluster_hessians, regularized_hessians
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 16, 5, generator=gen) for _ in range(3)]
+    stats = cluster_hessians(batches, [torch.zeros(32, dtype=torch.long)] * 3, 1)
+    x = torch.cat([b.reshape(-1, 5) for b in batches]).double()
+    out, notes = regularized_hessians(stats, min_cluster_tokens=10**6, small_cluster_rule="global")
+    assert len(notes) == 1 and "global Hessian" in notes[0]
+    # llm-compressor's convention: 2 / (batch rows) * X^T X
+    torch.testing.assert_close(out[0].double(), 2.0 / 6 * x.t() @ x, rtol=1e-5, atol=1e-6)

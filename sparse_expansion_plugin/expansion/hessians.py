@@ -137,13 +137,9 @@ def regularized_hessians(
     global_mean = stats.per_token() if (shrinkage > 0 or num_experts > 1) else None
 
     def global_hessian(k: int) -> Tensor:
-        if global_mean is None:
-            raise ValueError(
-                f"expert {k}, the only one, has {stats.tokens[k]} calibration tokens (min_cluster_tokens="
-                f"{min_cluster_tokens}) and no other cluster's Hessian to fall back on: "
-                "lower min_cluster_tokens or use more calibration data"
-            )
-        return global_mean
+        # a single expert's own Hessian *is* the layer's (stock SparseGPT's, scale aside, which the
+        # solver does not see): falling back to "the global Hessian" leaves it as accumulated
+        return global_mean if global_mean is not None else stats.hessians[k]
 
     for k in range(num_experts):
         count = stats.tokens[k]
