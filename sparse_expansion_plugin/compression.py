@@ -8,7 +8,6 @@ cannot be compared; and the one subtle step, seeding the global RNG that
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -17,7 +16,6 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sparse_expansion_plugin.data.calibration import calibration_dataset
-from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import SOURCES
 
 
@@ -32,6 +30,9 @@ def run_oneshot(
     dataset: Dataset | None = None,
 ) -> float:
     """Compress ``model`` in place with ``oneshot`` on calibration windows; return its wall time in seconds.
+
+    ``oneshot`` modifies the model, so load a fresh copy for every run
+    (``load_model_and_tokenizer``) and pass its tokenizer.
 
     ``recipe`` is anything ``oneshot(recipe=...)`` takes: a list of modifier
     instances, a ``Recipe`` or a YAML path. The calibration data are
@@ -60,21 +61,3 @@ def run_oneshot(
         max_seq_length=seq_len,
     )
     return time.perf_counter() - start
-
-
-def load_and_compress(
-    model_name: str | os.PathLike[str],
-    recipe: Any,
-    num_samples: int,
-    seq_len: int,
-    seed: int | None = 0,
-    sources: str | tuple[str, ...] | list[str] = SOURCES,
-    dataset: Dataset | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, float]:
-    """Load ``model_name`` afresh and :func:`run_oneshot` it; return ``(model, tokenizer, seconds)``.
-
-    A fresh load for every run, because ``oneshot`` modifies the model in place.
-    """
-    model, tokenizer = load_model_and_tokenizer(model_name)
-    seconds = run_oneshot(model, tokenizer, recipe, num_samples, seq_len, seed, sources, dataset)
-    return model, tokenizer, seconds

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sparse_expansion_plugin.analysis.analyze import AnalysisConfig, analyze_model
-from sparse_expansion_plugin.compression import load_and_compress
+from sparse_expansion_plugin.compression import run_oneshot
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
@@ -104,8 +104,9 @@ def run_demo(
 
         logger.info("step 3/4: stock SparseGPT %.0f%% on the FFN linears", 100 * config.sparsity)
         sgpt = SparseGPTModifier(sparsity=config.sparsity, mask_structure="0:0", targets=targets)
-        model, tokenizer, seconds = load_and_compress(
-            config.model, [sgpt], config.calibration_samples, config.seq_len, config.seed
+        model, tokenizer = load_model_and_tokenizer(config.model)
+        seconds = run_oneshot(
+            model, tokenizer, [sgpt], config.calibration_samples, config.seq_len, config.seed
         )
         record(f"SparseGPT {config.sparsity:.0%}", model, seconds, _ffn_bytes(model, compact=True))
         type(model).save_pretrained(model, tmp / "sparsegpt")
@@ -118,9 +119,8 @@ def run_demo(
         se = SparseExpansionModifier(
             sparsity=config.sparsity, num_experts=config.num_experts, seed=config.seed
         )
-        model, tokenizer, seconds = load_and_compress(
-            config.model, [se], config.calibration_samples, config.seq_len, config.seed
-        )
+        model, tokenizer = load_model_and_tokenizer(config.model)
+        seconds = run_oneshot(model, tokenizer, [se], config.calibration_samples, config.seq_len, config.seed)
         cost = expansion_cost(model)
         record(f"Sparse Expansion K={config.num_experts}", model, seconds, cost.expanded_bytes)
         save_expanded(model, tokenizer, tmp / "sparse_expansion")

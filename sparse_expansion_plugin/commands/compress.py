@@ -77,7 +77,8 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from sparse_expansion_plugin.compression import load_and_compress
+    from sparse_expansion_plugin.compression import run_oneshot
+    from sparse_expansion_plugin.data import load_model_and_tokenizer
     from sparse_expansion_plugin.modifiers.recipes import load_recipe
     from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
@@ -87,13 +88,9 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     logger.info("recipe %s: %s", args.recipe, ", ".join(type(m).__name__ for m in recipe.modifiers))
 
-    model, tokenizer, seconds = load_and_compress(
-        args.model,
-        recipe,
-        args.num_calibration_samples,
-        args.seq_len,
-        args.seed,
-        args.calibration_text,
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    seconds = run_oneshot(
+        model, tokenizer, recipe, args.num_calibration_samples, args.seq_len, args.seed, args.calibration_text
     )
     logger.info("oneshot took %.1f s", seconds)
 
