@@ -10,26 +10,14 @@ ratio, and peak memory (RSS).
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
+from _common import batched_forward_seconds, peak_rss_gib
 
 from sparse_expansion_plugin.analysis.capture import collect_neuron_statistics
 from sparse_expansion_plugin.data import load_model_and_tokenizer, token_windows
 from sparse_expansion_plugin.modeling.targets import select_linears
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-@torch.no_grad()
-def forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(windows), batch_size):
-        model(input_ids=windows[i : i + batch_size], use_cache=False)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -44,14 +32,14 @@ def main() -> None:
     windows = token_windows(tokenizer, "calibration", args.seq_len, args.windows)
     names = select_linears(model)
     tokens = windows.numel()
-    forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
+    batched_forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
     rss_before = peak_rss_gib()
     # Alternate forward and analyze halves so that machine load drifts hit both alike.
-    t_forward = forward_seconds(model, windows, args.batch_size)
+    t_forward = batched_forward_seconds(model, windows, args.batch_size)
     start = time.perf_counter()
     collect_neuron_statistics(model, windows, names, args.batch_size, args.pairs, progress=False)
     t_analyze = time.perf_counter() - start
-    t_forward = min(t_forward, forward_seconds(model, windows, args.batch_size))
+    t_forward = min(t_forward, batched_forward_seconds(model, windows, args.batch_size))
     print(
         f"model {args.model}: {len(names)} FFN input projections, {tokens} tokens, {torch.get_num_threads()} threads"
     )

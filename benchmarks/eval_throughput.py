@@ -20,23 +20,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import time
 
 import torch
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-@torch.no_grad()
-def forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(windows), batch_size):
-        model(input_ids=windows[i : i + batch_size], use_cache=False)
-    return time.perf_counter() - start
-
+from _common import batched_forward_seconds, peak_rss_gib
 
 TASK = "sparse_expansion_token_perplexity"
 
@@ -79,7 +66,7 @@ def main() -> None:
     model = lm.model  # the very same module for every path
     windows = token_windows(lm.tokenizer, "evaluation", args.seq_len, args.windows)
     tokens = args.windows * (args.seq_len - 1)
-    forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
+    batched_forward_seconds(model, windows[: args.batch_size], args.batch_size)  # warm-up
     metadata = {"tokenizer": model_dir, "seq_len": args.seq_len, "num_windows": args.windows}
     start = time.perf_counter()
     task_manager = TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
@@ -89,7 +76,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"forward": [], "token_perplexity": [], "lm-eval": []}
     ppl = lm_ppl = float("nan")
     for _ in range(args.repeats):
-        times["forward"].append(forward_seconds(model, windows, args.batch_size))
+        times["forward"].append(batched_forward_seconds(model, windows, args.batch_size))
         start = time.perf_counter()
         ppl = token_perplexity(model, windows, args.batch_size, progress=False)
         times["token_perplexity"].append(time.perf_counter() - start)

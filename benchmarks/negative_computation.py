@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 
 import torch
+from _common import peak_rss_gib
 
 from sparse_expansion_plugin.analysis.ablation import ablation_targets, evaluate_ablation, wd_scores
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
@@ -83,7 +83,7 @@ def main() -> None:
     for t in tables[1:]:
         merged.rows.extend(t.rows)
 
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_gib() * 1024
     max_wd = {i: float(scores[n].max()) for i, n in enumerate(targets)}
     print()
     print(f"model {args.model}: {len(targets)} gate projections of {scores[targets[0]].numel()} neurons")

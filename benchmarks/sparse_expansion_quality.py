@@ -30,17 +30,19 @@ import argparse
 import json
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import median_forward_seconds, peak_rss_gib
 
+from sparse_expansion_plugin.compression import run_oneshot
 from sparse_expansion_plugin.data.calibration import calibration_dataset
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
+from sparse_expansion_plugin.outputs import atomic_write_text
 
 MLP_TARGETS = [r"re:.*mlp\.(gate|up|down)_proj$"]
 logger = logging.getLogger("sparse_expansion_quality")
@@ -53,23 +55,6 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def compress(model_name: str, modifier, calibration, args) -> tuple[torch.nn.Module, float]:
-    from llmcompressor import oneshot
-
-    model, tokenizer = load_model_and_tokenizer(model_name)
-    torch.manual_seed(args.seed)  # oneshot shuffles calibration samples with the global RNG
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        dataset=calibration,
-        recipe=[modifier],
-        num_calibration_samples=args.calibration_samples,
-        max_seq_length=args.seq_len,
-    )
-    return model.eval(), time.perf_counter() - start
 
 
 def randomize_routing(model: torch.nn.Module, seed: int) -> None:
@@ -142,18 +127,6 @@ def wd_within_clusters(
     return summary, rows
 
 
-@torch.no_grad()
-def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int = 2) -> float:
-    """Median wall time of one forward of ``ids`` (after a warm-up)."""
-    model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -186,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     expanded: dict[int, torch.nn.Module] = {}
 
+    def compress(modifier: Any) -> tuple[torch.nn.Module, float]:
+        """A fresh copy of the model compressed by ``modifier``: every variant sees the same windows."""
+        model, processor = load_model_and_tokenizer(args.model)
+        seconds = run_oneshot(
+            model,
+            processor,
+            [modifier],
+            args.calibration_samples,
+            args.seq_len,
+            args.seed,
+            dataset=calibration,
+        )
+        return model, seconds
+
     def record(name: str, model: torch.nn.Module, seconds: float | None, **extra: Any) -> None:
         start = time.perf_counter()
         ppl = token_perplexity(model, evaluation, args.batch_size)
@@ -202,11 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every variant, so a long run that is cut short keeps what it measured
         if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.output.with_suffix(".tmp")
             payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-            tmp.write_text(json.dumps(payload, indent=1))
-            tmp.replace(args.output)
+            atomic_write_text(args.output, json.dumps(payload, indent=1))
 
     for variant in args.variants:
         base_variant, *extras = variant.split("+")
@@ -219,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             modifier = SparseGPTModifier(
                 sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS
             )
-            model, seconds = compress(args.model, modifier, calibration, args)
+            model, seconds = compress(modifier)
             record(variant, model, seconds)
             del model
         elif kind == "se":
@@ -234,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 **variant_options,
             )
-            model, seconds = compress(args.model, modifier, calibration, args)
+            model, seconds = compress(modifier)
             cost = expansion_cost(model).as_dict()
             record(variant, model, seconds, cost=cost, options=variant_options)
             if not structure and not sparsity_text and not extras:
@@ -250,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
             ids = token_windows(tokenizer, "evaluation", args.seq_len, 8)
             model = expanded[int(spec)]
-            dense_s = forward_seconds(dense, ids)
-            compact_s = forward_seconds(model, ids)
+            dense_s = median_forward_seconds(dense, ids, repeats=2)
+            compact_s = median_forward_seconds(model, ids, repeats=2)
             extra_bytes = materialize_experts(model)
-            materialized_s = forward_seconds(model, ids)
+            materialized_s = median_forward_seconds(model, ids, repeats=2)
             materialize_experts(model, enable=False)
             row = {
                 "variant": variant,
@@ -306,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n{r['variant']}: mean WD of each layer's top-1% WD gate neurons: "
                 + ", ".join(f"{k} {v:.4f}" for k, v in r["wd"].items())
             )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"\npeak RSS {peak:.2f} GB")
+    print(f"\npeak RSS {peak_rss_gib():.2f} GB")
     save()
     return 0
 

@@ -20,52 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import median_forward_seconds, peak_rss_gib
 
+from sparse_expansion_plugin.compression import run_oneshot
 from sparse_expansion_plugin.data.calibration import calibration_dataset
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import token_windows
+from sparse_expansion_plugin.outputs import atomic_write_text
 
 MLP_TARGETS = [r"re:.*mlp\.(gate|up|down)_proj$"]
 logger = logging.getLogger("sparse_expansion_speed")
-
-
-def timed_oneshot(model_name: str, modifier, calibration, args) -> tuple[torch.nn.Module, float]:
-    from llmcompressor import oneshot
-
-    model, tokenizer = load_model_and_tokenizer(model_name)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
-    oneshot(
-        model=model,
-        processor=tokenizer,
-        dataset=calibration,
-        recipe=[modifier],
-        num_calibration_samples=args.calibration_samples,
-        max_seq_length=args.seq_len,
-    )
-    return model.eval(), time.perf_counter() - start
-
-
-@torch.no_grad()
-def forward_seconds(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward (after one warm-up)."""
-    model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(repeats):
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -146,16 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     dense, tokenizer = load_model_and_tokenizer(args.model)
     calibration = calibration_dataset(tokenizer, args.calibration_samples, args.seq_len)
     result: dict[str, float | dict] = {"threads": torch.get_num_threads()}
+    # Both runs calibrate on the same windows in the same order (same seed): only the method differs.
     if not args.skip_compression_baseline:
-        _, stock_s = timed_oneshot(
-            args.model, SparseGPTModifier(sparsity=0.5, targets=MLP_TARGETS), calibration, args
+        stock = SparseGPTModifier(sparsity=0.5, targets=MLP_TARGETS)
+        model, processor = load_model_and_tokenizer(args.model)
+        stock_s = run_oneshot(
+            model, processor, [stock], args.calibration_samples, args.seq_len, args.seed, dataset=calibration
         )
+        del model
         result["sparsegpt_compress_s"] = stock_s
-    expanded, se_s = timed_oneshot(
-        args.model,
-        SparseExpansionModifier(num_experts=args.experts, sparsity=0.5, seed=args.seed),
-        calibration,
-        args,
+    se = SparseExpansionModifier(num_experts=args.experts, sparsity=0.5, seed=args.seed)
+    expanded, processor = load_model_and_tokenizer(args.model)
+    se_s = run_oneshot(
+        expanded, processor, [se], args.calibration_samples, args.seq_len, args.seed, dataset=calibration
     )
     result["se_compress_s"] = se_s
     if "sparsegpt_compress_s" in result:
@@ -163,25 +135,25 @@ def main(argv: list[str] | None = None) -> int:
     result["cost"] = expansion_cost(expanded).as_dict()
 
     ids = token_windows(tokenizer, "evaluation", args.seq_len, args.forward_batch)
-    dense_s = forward_seconds(dense, ids, args.repeats)
-    compact_s = forward_seconds(expanded, ids, args.repeats)
+    dense_s = median_forward_seconds(dense, ids, args.repeats)
+    compact_s = median_forward_seconds(expanded, ids, args.repeats)
     result.update(
         dense_forward_s=dense_s, se_forward_compact_s=compact_s, forward_ratio_compact=compact_s / dense_s
     )
     result["materialized_bytes"] = materialize_experts(expanded)
-    dense_s2 = forward_seconds(dense, ids, args.repeats)
-    mat_s = forward_seconds(expanded, ids, args.repeats)
+    dense_s2 = median_forward_seconds(dense, ids, args.repeats)
+    mat_s = median_forward_seconds(expanded, ids, args.repeats)
     result.update(se_forward_materialized_s=mat_s, forward_ratio_materialized=mat_s / dense_s2)
     if torch.cuda.is_available():
         cuda_ids = ids.cuda()
         dense.cuda()
         expanded.cuda()
-        d = forward_seconds(dense, cuda_ids, args.repeats)
-        m = forward_seconds(expanded, cuda_ids, args.repeats)
+        d = median_forward_seconds(dense, cuda_ids, args.repeats)
+        m = median_forward_seconds(expanded, cuda_ids, args.repeats)
         materialize_experts(expanded, enable=False)
-        c = forward_seconds(expanded, cuda_ids, args.repeats)
+        c = median_forward_seconds(expanded, cuda_ids, args.repeats)
         result.update(cuda_dense_s=d, cuda_ratio_materialized=m / d, cuda_ratio_compact=c / d)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result["peak_rss_gb"] = peak_rss_gib()
 
     print(
         f"\nSparse Expansion speed: {args.model}, K={args.experts}, {args.calibration_samples}x{args.seq_len} "
@@ -204,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"peak RSS {result['peak_rss_gb']:.2f} GB")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.output)
+        atomic_write_text(args.output, json.dumps(result, indent=1))
     return 0
 
 

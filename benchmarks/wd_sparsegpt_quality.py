@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import sys
-import time
 
 import torch
 
@@ -87,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from llmcompressor import oneshot
-
+    from sparse_expansion_plugin.compression import run_oneshot
     from sparse_expansion_plugin.data import load_model_and_tokenizer, token_windows
     from sparse_expansion_plugin.data.calibration import calibration_dataset
     from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
@@ -106,17 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.only:
         model, _ = load_model_and_tokenizer()
         modifier = build_modifier(variant, args.strength, args.max_layer_shift)
-        start = time.perf_counter()
+        seconds = 0.0
         if modifier is not None:
-            oneshot(
-                model=model,
-                processor=tokenizer,
+            # seed=None: this script seeds once, above, for the whole run; re-seeding per variant changes its figures.
+            seconds = run_oneshot(
+                model,
+                tokenizer,
+                [modifier],
+                args.num_calibration_samples,
+                args.seq_len,
+                seed=None,
                 dataset=calibration,
-                recipe=[modifier],
-                num_calibration_samples=args.num_calibration_samples,
-                max_seq_length=args.seq_len,
             )
-        seconds = time.perf_counter() - start
         ppl = token_perplexity(model, windows, batch_size=4, progress=False)
         linears = [
             m.weight

@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import threading
-import time
 
 
 def _rss_bytes() -> int:
@@ -59,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
+    from sparse_expansion_plugin.compression import run_oneshot
     from sparse_expansion_plugin.data import load_model_and_tokenizer
     from sparse_expansion_plugin.data.calibration import calibration_dataset
     from sparse_expansion_plugin.modifiers.wd_sparsegpt import WassersteinSparseGPTModifier
@@ -80,16 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         for kind, make in makers.items():
             model, _ = load_model_and_tokenizer()
             with PeakRSS() as rss:
-                start = time.perf_counter()
-                oneshot(
-                    model=model,
-                    processor=tokenizer,
+                seconds = run_oneshot(
+                    model,
+                    tokenizer,
+                    [make()],
+                    args.num_calibration_samples,
+                    args.seq_len,
+                    seed=None,  # never seeded here; the runs time the solver, not its results
                     dataset=calibration,
-                    recipe=[make()],
-                    num_calibration_samples=args.num_calibration_samples,
-                    max_seq_length=args.seq_len,
                 )
-                seconds = time.perf_counter() - start
             times[kind].append(seconds)
             peaks[kind].append(rss.peak_delta)
             print(
