@@ -28,7 +28,7 @@ from sparse_expansion_plugin.compression import run_oneshot
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
-from sparse_expansion_plugin.modeling.targets import ffn_blocks, ffn_target_regex
+from sparse_expansion_plugin.modeling.targets import ffn_blocks, ffn_target_regex, module_weight
 from sparse_expansion_plugin.outputs import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _ffn_bytes(model: torch.nn.Module, compact: bool) -> int:
     total = 0
     for block in ffn_blocks(model):
         for name in (*block.inputs, *([block.output] if block.output else [])):
-            weight = model.get_submodule(name).weight
+            weight = module_weight(model.get_submodule(name))
             if compact:
                 total += int((weight != 0).sum()) * weight.element_size() + (weight.numel() + 7) // 8
             else:

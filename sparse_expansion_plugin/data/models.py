@@ -108,7 +108,7 @@ def load_model_and_tokenizer(
     clear_quantization_state(model)
     model.eval()
     if device is not None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapped .to() stub takes only a model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

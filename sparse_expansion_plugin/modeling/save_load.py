@@ -97,13 +97,15 @@ def save_expanded(
     if not is_expanded(model):
         raise ValueError("model has no ExpandedLinear layers; save it with model.save_pretrained instead")
     with atomic_output_dir(output_dir, overwrite) as tmp:
-        config = copy.deepcopy(model.config)
+        config: Any = copy.deepcopy(
+            model.config
+        )  # a PretrainedConfig (nn.Module attributes type as Tensor | Module)
         setattr(config, CONFIG_KEY, expansion_block(model))
         config.auto_map = dict(AUTO_MAP)
         config.architectures = [type(model).__name__]
         config.save_pretrained(tmp)
         save_file(_unique_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        generation_config = getattr(model, "generation_config", None)
+        generation_config: Any = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         shutil.copy2(REMOTE_CODE, tmp / REMOTE_CODE.name)
@@ -149,7 +151,7 @@ def _load_tensors(root: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{root} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
 
 
-def _base_class(config: Any) -> type:
+def _base_class(config: Any) -> Any:
     """The transformers causal-LM class of ``config`` (not the remote shim transformers may have registered)."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
