@@ -125,3 +125,19 @@ def test_cost_report_counts_bytes_and_flops_by_hand():
     assert cost.router_flops_per_token == 2 * k * inp
     assert cost.routed_flops_per_token_nonzero == params + 2 * k * inp
     assert cost.density_mean == 0.5
+
+
+def test_materialize_from_given_experts_equals_per_token_loop():
+    """The modifier hands over the dense pruned weights it packed: the forward must use each in its place."""
+    weights = random_experts(5, 9, 7, seed=4)
+    router = random_router(7, 5, seed=4)
+    bias = torch.randn(9)
+    layer = ExpandedLinear.from_experts(weights, router, bias)
+    assert layer.materialize(experts=weights) == 5 * 9 * 7 * 4
+    x = torch.randn(2, 13, 7)
+    assert len({int(k) for k in router(x).assignment}) > 1
+    torch.testing.assert_close(
+        layer(x).double(), per_token_reference(x, router, weights, bias), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="experts must be"):
+        layer.materialize(experts=weights[:4])

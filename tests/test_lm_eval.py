@@ -57,6 +57,15 @@ def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     return path
 
 
+def run_in_fresh_python(code: str) -> None:
+    """Run ``code`` in a new interpreter (fresh ``sys.modules``, fresh registries); it must exit 0."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def evaluate(
     model: str, model_args: dict, tasks: list[str], metadata: dict | None = None, limit=None
 ) -> dict:
@@ -208,9 +217,6 @@ def test_whitespace_only_context_is_kept_and_others_unchanged(tokenizer):
 
 def test_stock_lm_eval_gets_the_fix_from_the_task_file():
     """``lm_eval --include_path`` imports tasks/utils.py only (not our model): that import must apply the fix."""
-    import subprocess
-    import sys
-
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('utils', {str(TASKS_DIR / 'utils.py')!r})\n"
@@ -219,17 +225,13 @@ def test_stock_lm_eval_gets_the_fix_from_the_task_file():
         "assert TemplateLM._encode_pair._sparse_expansion_keeps_whitespace_context\n"
         "assert 'sparse_expansion_plugin.evaluation.lm_eval_model' not in sys.modules\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_in_fresh_python(code)
 
 
 # --------------------------------------------------------------------------- the wrapper
 
 
 def test_lazy_registration_imports_the_wrapper_only_when_asked(tmp_path):
-    import subprocess
-    import sys
-
     code = (
         "import sys\n"
         "from sparse_expansion_plugin.evaluation.lm_eval_registry import register_lm_eval_model\n"
@@ -239,8 +241,7 @@ def test_lazy_registration_imports_the_wrapper_only_when_asked(tmp_path):
         "assert get_model('sparse-expansion').__name__ == 'SparseExpansionLM'\n"
         "assert get_model('hf').__name__ == 'HFLM'\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_in_fresh_python(code)
 
 
 def test_registration_keeps_builtin_models():
