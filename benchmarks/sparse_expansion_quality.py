@@ -59,7 +59,7 @@ def parse_value(text: str) -> Any:
 
 def randomize_routing(model: torch.nn.Module, seed: int) -> None:
     """Replace every router's scores by uniform noise (same experts, routing independent of the input)."""
-    from sparse_expansion_plugin.modeling.router import ExpertRouter
+    from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
     gen = torch.Generator().manual_seed(seed)
     for router in model.modules():
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.modeling.cost import expansion_cost
-    from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+    from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
     se_options = dict(item.split("=", 1) for item in args.se_options)
     se_options = {k: parse_value(v) for k, v in se_options.items()}
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             record(variant, model, None)
             del expanded[int(spec)]
         elif kind == "time":
-            from sparse_expansion_plugin.modeling.expanded import materialize_experts
+            from sparse_expansion_plugin.sparse_expansion.layer import materialize_experts
 
             ids = token_windows(tokenizer, "evaluation", args.seq_len, 8)
             model = expanded[int(spec)]

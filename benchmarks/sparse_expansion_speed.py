@@ -44,8 +44,8 @@ def mlp_block_ratios(model_name: str, experts: int, tokens: int, repeats: int) -
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     from sparse_expansion_plugin.data.models import resolve_model_path
-    from sparse_expansion_plugin.expansion.clustering import fit_router
-    from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, materialize_experts
+    from sparse_expansion_plugin.sparse_expansion.clustering import fit_router
+    from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, materialize_experts
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_name))
     torch.manual_seed(0)
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.modeling.cost import expansion_cost
-    from sparse_expansion_plugin.modeling.expanded import materialize_experts
-    from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+    from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
+    from sparse_expansion_plugin.sparse_expansion.layer import materialize_experts
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
     dense, tokenizer = load_model_and_tokenizer(args.model)
     calibration = calibration_dataset(tokenizer, args.calibration_samples, args.seq_len)

@@ -48,7 +48,7 @@ def build_modifier(variant: str, strength: float, max_layer_shift: float):
     """A modifier instance for a variant name (None for dense)."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.modifiers.wd_sparsegpt import WassersteinSparseGPTModifier
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
 
     if variant == "dense":
         return None

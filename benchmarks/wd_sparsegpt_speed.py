@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparse_expansion_plugin.compression import run_oneshot
     from sparse_expansion_plugin.data import load_model_and_tokenizer
     from sparse_expansion_plugin.data.calibration import calibration_dataset
-    from sparse_expansion_plugin.modifiers.wd_sparsegpt import WassersteinSparseGPTModifier
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
 
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model_and_tokenizer()

@@ -24,8 +24,8 @@ _LAZY: dict[str, str] = {
     "token_perplexity": "sparse_expansion_plugin.evaluation.perplexity",
     "wd_to_gaussian": "sparse_expansion_plugin.metrics.wasserstein",
     "mapping_difficulty": "sparse_expansion_plugin.metrics.mapping",
-    "load_expanded": "sparse_expansion_plugin.modeling.save_load",
-    "save_expanded": "sparse_expansion_plugin.modeling.save_load",
+    "load_expanded": "sparse_expansion_plugin.sparse_expansion.model",
+    "save_expanded": "sparse_expansion_plugin.sparse_expansion.model",
     "analyze_model": "sparse_expansion_plugin.analysis.analyze",
 }
 

@@ -67,9 +67,9 @@ def run_demo(
     """Run the whole demo; returns the table rows (also written to ``output_dir``)."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.modeling.cost import expansion_cost
-    from sparse_expansion_plugin.modeling.save_load import save_expanded
-    from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+    from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
+    from sparse_expansion_plugin.sparse_expansion.model import save_expanded
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
     config = config or DemoConfig()
     config.model = resolve_model_path(config.model)

@@ -94,8 +94,8 @@ def test_bad_recipe_fails_before_loading_the_model(tmp_path, capsys):
 
 def test_expanded_models_take_the_expanded_save_branch(tiny_dir, tmp_path, monkeypatch):
     """The one branch of compress that differs for Sparse Expansion: save_expanded instead of save_pretrained."""
-    import sparse_expansion_plugin.modeling.expanded as expanded
-    import sparse_expansion_plugin.modeling.save_load as save_load
+    import sparse_expansion_plugin.sparse_expansion.layer as expanded
+    import sparse_expansion_plugin.sparse_expansion.model as save_load
 
     calls = []
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_expansion_plugin.modeling.compact import pack_experts, unpack_expert, unpack_mask
-from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, is_expanded, materialize_experts
-from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, is_expanded, materialize_experts
+from sparse_expansion_plugin.sparse_expansion.packing import pack_experts, unpack_expert, unpack_mask
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
 def random_experts(k: int, out: int, inp: int, sparsity: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -108,7 +108,7 @@ def test_bfloat16_layer_routes_in_float32():
 
 
 def test_cost_report_counts_bytes_and_flops_by_hand():
-    from sparse_expansion_plugin.modeling.cost import expansion_cost
+    from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
 
     k, out, inp = 4, 16, 24
     keep = torch.zeros(k, out, inp, dtype=torch.bool)

@@ -306,8 +306,8 @@ def test_dir_without_weights_is_a_clear_error(tmp_path, tiny_dir):
 
 def expand_tiny(model: torch.nn.Module, num_experts: int = 2, seed: int = 0) -> torch.nn.Module:
     """Give every MLP random routers and K half-pruned experts per linear (built with the modeling API)."""
-    from sparse_expansion_plugin.modeling.expanded import ExpandedLinear
-    from sparse_expansion_plugin.modeling.router import ExpertRouter
+    from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
+    from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
     gen = torch.Generator().manual_seed(seed)
     for layer in model.model.layers:
@@ -334,7 +334,7 @@ def expand_tiny(model: torch.nn.Module, num_experts: int = 2, seed: int = 0) -> 
 @pytest.fixture(scope="module")
 def expanded(tmp_path_factory, tokenizer):
     """(directory written by save_expanded, the in-memory expanded model it holds)."""
-    from sparse_expansion_plugin.modeling.save_load import save_expanded
+    from sparse_expansion_plugin.sparse_expansion.model import save_expanded
 
     model = make_tiny_llama(seed=2, vocab=len(tokenizer))
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -346,7 +346,7 @@ def expanded(tmp_path_factory, tokenizer):
 
 def test_wrapper_loads_an_expanded_dir_without_remote_code(expanded):
     from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM
-    from sparse_expansion_plugin.modeling.expanded import expanded_linears
+    from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
 
     path, model = expanded
     lm = SparseExpansionLM(pretrained=str(path), device="cpu", trust_remote_code=False)

@@ -8,13 +8,13 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 
-from sparse_expansion_plugin.expansion.clustering import (
+from sparse_expansion_plugin.sparse_expansion.clustering import (
     drop_experts,
     fit_router,
     pca_components_for,
     top_components,
 )
-from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
 def clustered_inputs(n: int = 3000, d: int = 64, k: int = 6, seed: int = 0) -> torch.Tensor:

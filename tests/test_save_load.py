@@ -11,11 +11,16 @@ from conftest import make_tiny_llama
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from sparse_expansion_plugin.modeling import is_expanded, is_expanded_dir, load_expanded, save_expanded
-from sparse_expansion_plugin.modeling import save_load as save_load_module
-from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, replace_module
-from sparse_expansion_plugin.modeling.router import ExpertRouter
 from sparse_expansion_plugin.modeling.targets import ffn_blocks
+from sparse_expansion_plugin.sparse_expansion import (
+    is_expanded,
+    is_expanded_dir,
+    load_expanded,
+    save_expanded,
+)
+from sparse_expansion_plugin.sparse_expansion import model as save_load_module
+from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, replace_module
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
 def expand_randomly(model: torch.nn.Module, num_experts: int = 3, seed: int = 0) -> torch.nn.Module:

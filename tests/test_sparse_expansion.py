@@ -18,8 +18,8 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, expanded_linears, is_expanded
-from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, expanded_linears, is_expanded
+from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
 VOCAB = 128
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("sparse_expansion_*.yaml"))
@@ -253,7 +253,7 @@ def test_gpt2_conv1d_mlp_is_expanded_and_matches_its_experts(tmp_path):
 
 
 def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
-    from sparse_expansion_plugin.modeling import load_expanded, save_expanded
+    from sparse_expansion_plugin.sparse_expansion import load_expanded, save_expanded
 
     model = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, share_router_with_down=True)])
     mlp = model.model.layers[1].mlp
@@ -279,7 +279,7 @@ def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
 
 
 def test_cluster_hessians_and_shrinkage_against_direct_sums():
-    from sparse_expansion_plugin.expansion.hessians import cluster_hessians, regularized_hessians
+    from sparse_expansion_plugin.sparse_expansion.hessians import cluster_hessians, regularized_hessians
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(1, 30, 6, generator=gen) for _ in range(4)]
@@ -303,7 +303,7 @@ def test_cluster_hessians_and_shrinkage_against_direct_sums():
 
 def test_single_expert_below_min_cluster_tokens_keeps_its_own_hessian():
     """With one expert the 'global' fallback is the expert's own Hessian: stock SparseGPT's, unchanged."""
-    from sparse_expansion_plugin.expansion.hessians import cluster_hessians, regularized_hessians
+    from sparse_expansion_plugin.sparse_expansion.hessians import cluster_hessians, regularized_hessians
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 16, 5, generator=gen) for _ in range(3)]

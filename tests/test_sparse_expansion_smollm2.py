@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sparse_expansion_plugin.data.calibration import calibration_dataset
 from sparse_expansion_plugin.data.text import token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
-from sparse_expansion_plugin.modeling import is_expanded, load_expanded, save_expanded
-from sparse_expansion_plugin.modeling.cost import expansion_cost
-from sparse_expansion_plugin.modifiers.sparse_expansion import SparseExpansionModifier
+from sparse_expansion_plugin.sparse_expansion import is_expanded, load_expanded, save_expanded
+from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
+from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
 pytestmark = pytest.mark.slow
 

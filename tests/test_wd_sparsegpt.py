@@ -62,7 +62,7 @@ def _stock(tiny_dir, calibration, **kwargs):
 
 
 def _wd(tiny_dir, calibration, **kwargs):
-    from sparse_expansion_plugin.modifiers.wd_sparsegpt import WassersteinSparseGPTModifier
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
 
     return _oneshot(
         tiny_dir, calibration, [WassersteinSparseGPTModifier(targets=["Linear"], ignore=IGNORE, **kwargs)]
@@ -236,7 +236,7 @@ def test_flat_recipes_that_would_do_nothing_are_refused(text):
 def test_centered_ranks_match_scipy_rankdata():
     from scipy.stats import rankdata
 
-    from sparse_expansion_plugin.modifiers.allocation import centered_ranks, row_saliency_weights
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import centered_ranks, row_saliency_weights
 
     scores = torch.randn(57, generator=torch.Generator().manual_seed(0))
     expected = (rankdata(scores.numpy()) - 1) / 56 * 2 - 1
@@ -248,7 +248,7 @@ def test_owl_layer_rule_matches_llm_compressor(monkeypatch):
     """Our OWL layer sparsities equal llm-compressor's own (broken end to end, but its formula runs alone)."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.modifiers.allocation import owl_layer_sparsities, owl_outlier_ratio
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import owl_layer_sparsities, owl_outlier_ratio
 
     torch.manual_seed(0)
     layers = {
@@ -276,7 +276,7 @@ def test_owl_layer_rule_matches_llm_compressor(monkeypatch):
 
 
 def test_exact_zero_budgets_hit_the_total_and_stay_close():
-    from sparse_expansion_plugin.modifiers.allocation import exact_zero_budgets
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import exact_zero_budgets
 
     sizes = [1000, 3000, 500, 2500]
     fractions = [0.65, 0.75, 0.7, 0.71]
@@ -295,7 +295,7 @@ def test_exact_zero_budgets_hit_the_total_and_stay_close():
 def test_stock_zero_count_matches_sparsify_weight(rows, columns, sparsity):
     from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
 
-    from sparse_expansion_plugin.modifiers.allocation import stock_zero_count
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import stock_zero_count
 
     torch.manual_seed(rows)
     linear = torch.nn.Linear(columns, rows)

@@ -58,13 +58,13 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
     target = staging / "model"
     expanded = False
     try:
-        from sparse_expansion_plugin.modeling.expanded import is_expanded
+        from sparse_expansion_plugin.sparse_expansion.layer import is_expanded
 
         expanded = is_expanded(model)
     except ImportError:  # pragma: no cover - modeling package unavailable
         expanded = False
     if expanded:
-        from sparse_expansion_plugin.modeling.save_load import save_expanded
+        from sparse_expansion_plugin.sparse_expansion.model import save_expanded
 
         save_expanded(model, tokenizer, target)
     else:

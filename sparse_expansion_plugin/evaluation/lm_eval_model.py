@@ -82,7 +82,7 @@ def is_expanded(pretrained: str) -> bool:
     if not Path(pretrained).expanduser().is_dir():
         return False
     try:
-        from sparse_expansion_plugin.modeling.save_load import is_expanded_dir
+        from sparse_expansion_plugin.sparse_expansion.model import is_expanded_dir
     except ImportError:
         return "sparse_expansion" in _config_dict(pretrained)
     return bool(is_expanded_dir(pretrained))
@@ -90,10 +90,10 @@ def is_expanded(pretrained: str) -> bool:
 
 def expanded_loader():
     try:
-        from sparse_expansion_plugin.modeling.save_load import load_expanded
+        from sparse_expansion_plugin.sparse_expansion.model import load_expanded
     except ImportError as error:
         raise ImportError(
-            "this directory holds an expanded model but sparse_expansion_plugin.modeling.save_load."
+            "this directory holds an expanded model but sparse_expansion_plugin.sparse_expansion.model."
             "load_expanded is not available in this install; update sparse-expansion-plugin"
         ) from error
     return load_expanded

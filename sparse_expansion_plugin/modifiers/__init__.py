@@ -4,8 +4,8 @@ from __future__ import annotations
 
 MODIFIER_MODULES: dict[str, str] = {
     # name in a recipe -> module that defines the class of that name
-    "WassersteinSparseGPTModifier": "sparse_expansion_plugin.modifiers.wd_sparsegpt",
-    "SparseExpansionModifier": "sparse_expansion_plugin.modifiers.sparse_expansion",
+    "WassersteinSparseGPTModifier": "sparse_expansion_plugin.wd_sparsegpt.modifier",
+    "SparseExpansionModifier": "sparse_expansion_plugin.sparse_expansion.modifier",
 }
 
 

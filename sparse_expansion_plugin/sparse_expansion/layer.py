@@ -15,8 +15,13 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from sparse_expansion_plugin.modeling.compact import pack_experts, packed_bytes, unpack_expert, unpack_mask
-from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.packing import (
+    pack_experts,
+    packed_bytes,
+    unpack_expert,
+    unpack_mask,
+)
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
 class ExpandedLinear(nn.Module):

@@ -25,7 +25,7 @@ class SparseExpansionForCausalLM:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):  # noqa: ANN001, ANN206
         from transformers import AutoModelForCausalLM
 
-        from sparse_expansion_plugin.modeling.save_load import load_expanded
+        from sparse_expansion_plugin.sparse_expansion.model import load_expanded
 
         extra = AutoModelForCausalLM._model_mapping._extra_content
         for config_class, model_class in list(extra.items()):

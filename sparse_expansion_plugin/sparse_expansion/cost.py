@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from sparse_expansion_plugin.modeling.expanded import expanded_linears
-from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
 @dataclass

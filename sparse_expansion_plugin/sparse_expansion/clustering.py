@@ -20,7 +20,7 @@ import torch
 from sklearn.cluster import KMeans
 from torch import Tensor
 
-from sparse_expansion_plugin.modeling.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 logger = logging.getLogger(__name__)
 

@@ -36,15 +36,15 @@ from llmcompressor.modifiers.modifier import Modifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from sparse_expansion_plugin.expansion.clustering import drop_experts, fit_router, pca_components_for
-from sparse_expansion_plugin.expansion.hessians import (
+from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight, select_linears
+from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+from sparse_expansion_plugin.sparse_expansion.clustering import drop_experts, fit_router, pca_components_for
+from sparse_expansion_plugin.sparse_expansion.hessians import (
     SMALL_CLUSTER_RULES,
     cluster_hessians,
     regularized_hessians,
 )
-from sparse_expansion_plugin.modeling.expanded import ExpandedLinear, replace_module
-from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight, select_linears
-from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, replace_module
 
 logger = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from sparse_expansion_plugin.modeling.expanded import (
+from sparse_expansion_plugin.outputs import atomic_output_dir
+from sparse_expansion_plugin.sparse_expansion.layer import (
     ExpandedLinear,
     expanded_linears,
     is_expanded,
     replace_module,
 )
-from sparse_expansion_plugin.modeling.router import ExpertRouter
-from sparse_expansion_plugin.outputs import atomic_output_dir
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The modifier is llm-compressor's ``SparseGPTModifier`` plus a score per output
 row (a neuron) measured in the same calibration hooks that accumulate the
 Hessian, and a rule that turns scores into where the zeros go. The maths lives
 in :mod:`sparse_expansion_plugin.pruning.sparsegpt` (solver) and
-:mod:`sparse_expansion_plugin.modifiers.allocation` (how many zeros where).
+:mod:`sparse_expansion_plugin.wd_sparsegpt.allocation` (how many zeros where).
 
 What "WD-aware" means, by mode:
 
@@ -61,7 +61,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from sparse_expansion_plugin.modeling.targets import module_weight
-from sparse_expansion_plugin.modifiers import allocation
+from sparse_expansion_plugin.wd_sparsegpt import allocation
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 
 logger = logging.getLogger(__name__)

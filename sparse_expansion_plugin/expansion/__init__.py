@@ -1,1 +1,0 @@
-"""Pure functions of Sparse Expansion: clustering calibration inputs, per-cluster Hessians."""
