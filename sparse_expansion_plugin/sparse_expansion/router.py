@@ -3,19 +3,27 @@
 Why folded: ``argmin_k ||P(x - mu) - c_k||^2`` equals
 ``argmax_k (2 c_k^T P x - 2 c_k^T P mu - ||c_k||^2)`` (the ``||P(x-mu)||^2`` term
 is the same for every k), so inference needs one ``[K, d]`` matmul and no PCA.
+With ``input_norm="l2"`` the clusters were fitted on unit-norm tokens, so each
+token is divided by its norm before the same map (a few tokens with huge
+activations then cannot pull every centroid toward themselves).
 
-One router serves a whole MLP block: gate and up receive the *same* input
-tensor, so the assignment computed for the first of them is cached (keyed by
-tensor identity and version) and reused by the second.
+A router is called once per MLP call (see ``block.py``) and returns a
+:class:`Routing` that the expert layers of that call receive explicitly; it
+keeps no state between calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+
+InputNorm = Literal["none", "l2"]
+INPUT_NORMS: tuple[str, ...] = ("none", "l2")
 
 
 def fold_pca_kmeans(mean: Tensor, components: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,20 +39,74 @@ def fold_pca_kmeans(mean: Tensor, components: Tensor, centroids: Tensor) -> tupl
     return weight, bias
 
 
+def normalized_tokens(x: Tensor, input_norm: str) -> Tensor:
+    """Rows of ``x [T, d]`` as the router sees them: unchanged, or divided by their L2 norm."""
+    if input_norm == "none":
+        return x
+    if input_norm == "l2":
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+
+
 @dataclass
 class Routing:
-    """Assignment of ``T`` tokens to experts, with the grouping every expert layer needs.
+    """Assignment of ``T`` tokens to ``K`` experts, and the grouping every expert layer needs.
 
     assignment: ``[T]`` int64 expert index per token.
-    order: ``[T]`` token indices sorted by expert (stable), so expert k's tokens are
+    order: ``[T]`` token indices sorted by expert (stable): expert k's tokens are
         ``order[offsets[k]:offsets[k+1]]``.
-    counts: tokens per expert (Python ints, length K).
+    counts: ``[K]`` int64 tokens per expert, on the tokens' device.
+    source: the routed input itself, so layers fed the same tensor (gate and up)
+        gather its rows once (:meth:`grouped`); the routing lives for one MLP call.
     """
 
     assignment: Tensor
     order: Tensor
-    counts: list[int]
-    grouped_input: Tensor | None = None  # the routed input's rows in ``order``, shared by gate and up
+    counts: Tensor
+    source: Tensor | None = None
+    source_version: int = -1
+    _grouped: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_assignment(cls, assignment: Tensor, num_experts: int, source: Tensor | None = None) -> Routing:
+        """The routing of ``assignment [T]`` (expert indices) over ``num_experts`` experts."""
+        if assignment.device.type == "meta":  # shape inference only: no sort or bincount kernels
+            counts = torch.zeros(num_experts, dtype=torch.long, device="meta")
+            return cls(assignment, torch.empty_like(assignment), counts)
+        order = torch.argsort(assignment, stable=True)
+        counts = torch.bincount(assignment, minlength=num_experts)
+        version = source._version if source is not None else -1
+        return cls(assignment, order, counts, source, version)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.assignment.shape[0])
+
+    @cached_property
+    def host_counts(self) -> list[int]:
+        """Tokens per expert as Python ints (one device-to-host copy per routing, shared by its layers)."""
+        return [int(c) for c in self.counts.tolist()]
+
+    def grouped(self, flat: Tensor) -> Tensor:
+        """Rows of ``flat [T, d]`` in expert order; computed once for the routed input itself."""
+        source = self.source
+        if source is None or source._version != self.source_version or not _same_rows(flat, source):
+            return flat.index_select(0, self.order)
+        if self._grouped is None or self._grouped.dtype != flat.dtype:
+            self._grouped = flat.index_select(0, self.order)
+        return self._grouped
+
+
+def _same_rows(flat: Tensor, source: Tensor) -> bool:
+    """Whether ``flat`` is a ``[T, d]`` view of the very storage of ``source`` (gate and up reshape it)."""
+    return (
+        flat.data_ptr() == source.data_ptr()
+        and flat.shape[-1] == source.shape[-1]
+        and flat.numel() == source.numel()
+        and flat.dtype == source.dtype
+        and flat.is_contiguous()
+        and source.is_contiguous()
+    )
 
 
 class ExpertRouter(nn.Module):
@@ -57,19 +119,25 @@ class ExpertRouter(nn.Module):
     weight: Tensor
     bias: Tensor
 
-    def __init__(self, in_features: int, num_experts: int) -> None:
+    def __init__(self, in_features: int, num_experts: int, input_norm: str = "none") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        if in_features < 1 or num_experts < 1:
+            raise ValueError(f"a router needs in_features >= 1 and num_experts >= 1, got {in_features}, {num_experts}")
         self.in_features = in_features
         self.num_experts = num_experts
+        self.input_norm = input_norm
         self.register_buffer("weight", torch.zeros(num_experts, in_features, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(num_experts, dtype=torch.float32))
-        self._cache: tuple[Tensor, int, Routing] | None = None
 
     @classmethod
-    def from_pca_kmeans(cls, mean: Tensor, components: Tensor, centroids: Tensor) -> ExpertRouter:
-        """A router equal to ``KMeans.predict(PCA.transform(x))``; shapes as :func:`fold_pca_kmeans`."""
+    def from_pca_kmeans(
+        cls, mean: Tensor, components: Tensor, centroids: Tensor, input_norm: str = "none"
+    ) -> ExpertRouter:
+        """A router equal to ``KMeans.predict(PCA.transform(norm(x)))``; shapes as :func:`fold_pca_kmeans`."""
         weight, bias = fold_pca_kmeans(mean, components, centroids)
-        router = cls(weight.shape[1], weight.shape[0])
+        router = cls(weight.shape[1], weight.shape[0], input_norm=input_norm)
         router.weight.copy_(weight.float())
         router.bias.copy_(bias.float())
         return router
@@ -80,41 +148,22 @@ class ExpertRouter(nn.Module):
         super()._apply(fn, recurse)
         self.weight = weight.to(device=self.weight.device, dtype=torch.float32)
         self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
-        self._cache = None
         return self
 
     def scores(self, x: Tensor) -> Tensor:
         """Cluster scores ``[T, K]`` of ``x [..., d]`` (higher is nearer)."""
-        flat = x.reshape(-1, self.in_features).to(self.weight.dtype)
+        flat = normalized_tokens(x.reshape(-1, self.in_features).to(self.weight.dtype), self.input_norm)
         return torch.addmm(self.bias, flat, self.weight.t())
 
     def forward(self, x: Tensor) -> Routing:
-        """Routing of the tokens of ``x [..., d]``; reused if called again with the same tensor."""
-        cache = self._cache
-        if cache is not None and cache[0] is x and cache[1] == x._version:
-            return cache[2]
-        if self.num_experts == 1:
-            tokens = x.numel() // self.in_features
+        """Routing of the tokens of ``x [..., d]``."""
+        tokens = x.numel() // self.in_features
+        if self.num_experts == 1 or tokens == 0:
             assignment = torch.zeros(tokens, dtype=torch.long, device=x.device)
-            routing = Routing(assignment, torch.arange(tokens, device=x.device), [tokens])
         else:
             assignment = self.scores(x).argmax(dim=1)
-            order = torch.argsort(assignment, stable=True)
-            counts = torch.bincount(assignment, minlength=self.num_experts).tolist()
-            routing = Routing(assignment, order, counts)
-        self._cache = (x, x._version, routing)
-        return routing
-
-    @property
-    def last_routing(self) -> Routing:
-        """The routing computed by the latest call (the down projection reuses it when configured)."""
-        if self._cache is None:
-            raise RuntimeError("router has not routed anything yet: call it on the MLP input first")
-        return self._cache[2]
-
-    def clear_cache(self) -> None:
-        """Drop the cached input (it holds a reference to the last activation)."""
-        self._cache = None
+        return Routing.from_assignment(assignment, self.num_experts, source=x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, num_experts={self.num_experts}"
+        norm = f", input_norm={self.input_norm}" if self.input_norm != "none" else ""
+        return f"in_features={self.in_features}, num_experts={self.num_experts}{norm}"
