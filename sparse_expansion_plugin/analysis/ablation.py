@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 from sparse_expansion_plugin.modeling.targets import FFNBlock, ffn_blocks
 
@@ -151,29 +152,23 @@ def ablate_neurons(
     if mode not in MODES:
         raise ValueError(f"unknown ablation mode {mode!r}; choose from {', '.join(MODES)}")
     modules = dict(model.named_modules())
-    handles = []
-    try:
-        for name, index in selection.items():
-            if name not in modules:
-                raise ValueError(
-                    f"no module named {name!r} in {type(model).__name__}; see ablation_targets(model)"
-                )
-            module = modules[name]
-            index = torch.as_tensor(index, dtype=torch.long).flatten()
-            width = getattr(module, "out_features", None)
-            if width is None and getattr(module, "weight", None) is not None:
-                width = (
-                    module.weight.shape[-1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
-                )
-            if index.numel() and width is not None and (index.min() < 0 or index.max() >= width):
-                raise ValueError(f"neuron index out of range for {name!r} with {width} outputs")
-            if index.numel() == 0:
-                continue
-            handles.append(module.register_forward_hook(_rewrite_columns(mode, index)))
+    hooks = []
+    for name, index in selection.items():
+        if name not in modules:
+            raise ValueError(
+                f"no module named {name!r} in {type(model).__name__}; see ablation_targets(model)"
+            )
+        module = modules[name]
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        width = getattr(module, "out_features", None)
+        if width is None and getattr(module, "weight", None) is not None:
+            width = module.weight.shape[-1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+        if index.numel() and width is not None and (index.min() < 0 or index.max() >= width):
+            raise ValueError(f"neuron index out of range for {name!r} with {width} outputs")
+        if index.numel():
+            hooks.append((module, _rewrite_columns(mode, index)))
+    with hooks_attached(hooks):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @dataclass
@@ -375,13 +370,8 @@ def pre_post_activations(
             output.detach().index_select(-1, index.to(output.device)).reshape(-1, index.numel()).cpu()
         )
 
-    device = next(model.parameters()).device
-    handle = module.register_forward_hook(hook)
-    try:
-        for start in range(0, len(windows), batch_size):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        handle.remove()
+    with hooks_attached([(module, hook)]):
+        run_windows(model, windows, batch_size, "pre-activations", progress=False)
     pre = torch.cat(chunks).float()
     act = activation_of(model, module_name)
     return pre, (act(pre) if act is not None else None)

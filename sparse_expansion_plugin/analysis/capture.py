@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
+from sparse_expansion_plugin.analysis.hooks import hooks_attached, model_device, run_windows
 from sparse_expansion_plugin.metrics.mapping import oi_ratios, sample_token_pairs
 from sparse_expansion_plugin.metrics.wasserstein import StreamingWD
 
@@ -93,16 +93,9 @@ def collect_neuron_statistics(
     positions, inverse = torch.unique(pairs.view(-1), sorted=True, return_inverse=True)
     local_pairs = inverse.view(-1, 2)
     recorders = {name: _LayerRecorder(name, modules[name], positions, num_bins) for name in layer_names}
-    handles = [modules[name].register_forward_hook(rec) for name, rec in recorders.items()]
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(
-            range(0, len(windows), batch_size), desc="analyse", unit="batch", disable=not progress
-        ):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached((rec.module, rec) for rec in recorders.values()):
+        run_windows(model, windows, batch_size, "analyse", progress)
+    device = model_device(model)
     results = {}
     for name, rec in recorders.items():
         assert rec.stats is not None and rec.stats.moments is not None
@@ -151,12 +144,6 @@ def capture_activations(
     for name in layer_names:
         if name not in modules:
             raise ValueError(f"no module named {name!r} in {type(model).__name__}")
-    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layer_names]
-    device = next(model.parameters()).device
-    try:
-        for start in range(0, len(windows), batch_size):
-            model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached((modules[name], hook_for(name)) for name in layer_names):
+        run_windows(model, windows, batch_size, "capture", progress=False)
     return {name: (torch.cat(xs), torch.cat(ys)) for name, (xs, ys) in store.items()}

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from sparse_expansion_plugin.analysis.ablation import ablation_module_name
+from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_windows
 from sparse_expansion_plugin.metrics.mapping import oi_ratios, sample_token_pairs
 from sparse_expansion_plugin.modeling.targets import ffn_blocks
 
@@ -90,13 +90,15 @@ def capture_at_tokens(
         if name not in modules:
             raise ValueError(f"no module named {name!r} in {type(model).__name__}")
     captures: dict[str, list[torch.Tensor | None]] = {name: [None, None] for name in module_names}
-    state = {"start": 0}
 
     def make_hook(name: str):
+        seen = [0]  # flat positions this module has already been fed (batches arrive in order)
+
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             y = output.detach().reshape(-1, output.shape[-1])
-            lo, hi = state["start"], state["start"] + x.shape[0]
+            lo, hi = seen[0], seen[0] + x.shape[0]
+            seen[0] = hi
             rows = ((positions >= lo) & (positions < hi)).nonzero().flatten()
             slot = captures[name]
             inputs, outputs = slot
@@ -109,17 +111,8 @@ def capture_at_tokens(
 
         return hook
 
-    device = next(model.parameters()).device
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in module_names]
-    try:
-        batches = range(0, n, batch_size)
-        for start in tqdm(batches, desc="capture", unit="batch", disable=not progress or len(batches) < 2):
-            ids = windows[start : start + batch_size]
-            state["start"] = start * length
-            model(input_ids=ids.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks_attached((modules[name], make_hook(name)) for name in module_names):
+        run_windows(model, windows, batch_size, "capture", progress)
     return [LayerCapture(name, slot[0], slot[1]) for name, slot in captures.items()]  # type: ignore[arg-type]
 
 

@@ -58,11 +58,11 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
 from pydantic import Field, PrivateAttr, field_validator, model_validator
-from tqdm.auto import tqdm
 
+from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_batches
 from sparse_expansion_plugin.modeling.targets import module_weight
-from sparse_expansion_plugin.wd_sparsegpt import allocation
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+from sparse_expansion_plugin.wd_sparsegpt import allocation
 
 logger = logging.getLogger(__name__)
 
@@ -342,39 +342,41 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
         stats: dict[str, object] = {}
         sq_sums: dict[str, torch.Tensor] = {}
         calls: dict[str, int] = {}
-        handles = []
 
-        def hook(module, args, output, name):
-            if self.score == "owl":
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(dim=0)
-                return
-            flat = output.detach().reshape(-1, output.shape[-1])
-            call = calls.get(name, 0)
-            calls[name] = call + 1
-            flat = flat[call % self.wd_token_stride :: self.wd_token_stride]
-            if name not in stats:
-                stats[name] = (
-                    StreamingWD(flat.shape[1], num_bins=self.wd_bins, device=flat.device)
-                    if self.score == "wd"
-                    else StreamingMoments(flat.shape[1])
-                )
-            stats[name].update(flat)  # type: ignore[attr-defined]
+        def hook_for(name: str):
+            def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if self.score == "owl":
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                    sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(dim=0)
+                    return
+                flat = output.detach().reshape(-1, output.shape[-1])
+                call = calls.get(name, 0)
+                calls[name] = call + 1
+                flat = flat[call % self.wd_token_stride :: self.wd_token_stride]
+                if name not in stats:
+                    stats[name] = (
+                        StreamingWD(flat.shape[1], num_bins=self.wd_bins, device=flat.device)
+                        if self.score == "wd"
+                        else StreamingMoments(flat.shape[1])
+                    )
+                stats[name].update(flat)  # type: ignore[attr-defined]
+
+            return hook
 
         if self.score != "random":
             dataloader = state.data.calib
             if dataloader is None:
                 raise ValueError("allocation: layers needs calibration data for its dense pre-pass")
-            for name, module in modules:
-                handles.append(module.register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n)))
-            device = get_execution_device(model)
-            try:
-                with torch.no_grad(), calibration_forward_context(model):
-                    for batch in tqdm(dataloader, desc=f"layer scores ({self.score}, dense pre-pass)"):
-                        model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            finally:
-                for handle in handles:
-                    handle.remove()
+            with (
+                hooks_attached((module, hook_for(name)) for name, module in modules),
+                calibration_forward_context(model),
+            ):
+                run_batches(
+                    model,
+                    dataloader,
+                    f"layer scores ({self.score}, dense pre-pass)",
+                    device=get_execution_device(model),
+                )
 
         per_layer: dict[str, list[torch.Tensor]] = {}
         generator = torch.Generator().manual_seed(self.seed)
