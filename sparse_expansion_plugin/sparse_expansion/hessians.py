@@ -1,16 +1,21 @@
 """Per-cluster Hessians for Sparse Expansion, with the rules that keep small clusters from overfitting.
 
 Why here and not in ``pruning/``: the solver only needs ``[K, n, n]`` Hessians;
-how they are built from clustered tokens (and shrunk toward the layer's
+how they are built from clustered tokens (and pulled toward the layer's
 global Hessian, or replaced by it for tiny clusters) is Sparse Expansion's
-business. Accumulation uses the shared ``accumulate_hessian`` batch by batch,
-so one cluster holding every token reproduces stock SparseGPT's Hessian
-operation for operation.
+business.
+
+Why streaming: the Hessians are accumulated batch by batch as calibration
+inputs pass (:class:`StreamingClusterHessians`), so memory is ``O(K n^2)``
+whatever the number of calibration tokens; nothing needs to keep the inputs.
+With one expert the shared ``accumulate_hessian`` is used, so one cluster
+holding every token reproduces stock SparseGPT's Hessian operation for operation.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +32,8 @@ SMALL_CLUSTER_RULES = ("global", "dampen", "merge")
 class ClusterHessians:
     """Hessians of K clusters and of all tokens, in llm-compressor's ``2/N sum x x^T`` convention.
 
-    hessians: ``[K, n, n]``; samples: ``[K]`` batch-row counts (the convention's N);
+    hessians: ``[K, n, n]``; samples: ``[K]`` batch-row counts (the convention's N:
+    the batch rows that held at least one of the cluster's tokens);
     tokens: ``[K]`` tokens per cluster; global_*: the same for all tokens together.
     """
 
@@ -46,64 +52,143 @@ class ClusterHessians:
         return self.hessians[k] * (self.samples[k] / (2.0 * max(self.tokens[k], 1)))
 
 
+class StreamingClusterHessians:
+    """Accumulates the K cluster Hessians and the global one batch by batch, in ``O(K n^2)`` memory.
+
+    Each :meth:`add` sorts the batch's tokens by expert once and adds one
+    ``X_k^T X_k`` per cluster present (float32, ``SGPT_PRECISION``, as stock
+    SparseGPT) to a running Gram matrix; :meth:`result` scales them to
+    llm-compressor's ``2/N X_k^T X_k``. Why Gram sums and not stock's rescale
+    per batch: one scaling at the end costs K fewer ``n x n`` passes per batch
+    and gives the same Hessian to float tolerance. With one expert, stock's
+    ``accumulate_hessian`` is called instead, so the result is bit-for-bit stock's.
+
+    num_experts: K >= 1; dim: the input width n; device: where the ``[K, n, n]``
+    accumulators live (each batch is moved there).
+    """
+
+    def __init__(self, num_experts: int, dim: int, device: torch.device | str | None = None) -> None:
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.num_experts = num_experts
+        self.dim = dim
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # K = 1: stock's running Hessian; K > 1: running X_k^T X_k
+        self._sums = torch.zeros(num_experts, dim, dim, dtype=SGPT_PRECISION, device=self.device)
+        self._samples = torch.zeros(num_experts, dtype=torch.long, device=self.device)
+        self._tokens = torch.zeros(num_experts, dtype=torch.long, device=self.device)
+        self._stock_samples = 0  # K = 1 only: accumulate_hessian's running count
+        self.global_samples = 0
+        self.global_tokens = 0
+        self.batches = 0
+
+    def add(self, inputs: Tensor, assignment: Tensor | None = None) -> None:
+        """Add one captured batch ``inputs [batch, seq, n]`` or ``[tokens, n]`` (a 2-D input is one sample).
+
+        assignment: ``[tokens]`` expert index of each token in flattened order
+        (``inputs.reshape(-1, n)``); may be omitted when K == 1.
+        """
+        if inputs.dim() not in (2, 3) or inputs.shape[-1] != self.dim:
+            raise ValueError(
+                f"inputs must be [batch, seq, {self.dim}] or [tokens, {self.dim}], got {tuple(inputs.shape)}"
+            )
+        rows = inputs.shape[0] if inputs.dim() == 3 else 1
+        num_tokens = inputs.numel() // self.dim
+        if assignment is None:
+            if self.num_experts != 1:
+                raise ValueError(f"an assignment is required with {self.num_experts} experts")
+            assignment = torch.zeros(num_tokens, dtype=torch.long)
+        assignment = self._checked_assignment(assignment, num_tokens)
+        self.global_samples += rows
+        self.global_tokens += num_tokens
+        self.batches += 1
+        if self.num_experts == 1:  # stock SparseGPT's accumulation, operation for operation
+            self._sums[0], self._stock_samples = accumulate_hessian(
+                inputs, self._sums[0], self._stock_samples
+            )
+            self._tokens[0] += num_tokens
+            return
+        if num_tokens == 0:
+            return
+        flat = inputs.reshape(-1, self.dim).to(device=self.device)
+        assignment = assignment.to(self.device)
+        # batch rows holding cluster k: mark (row, k) pairs, no K boolean masks over the tokens
+        row_of_token = torch.arange(num_tokens, device=self.device) // (num_tokens // rows)
+        present = torch.zeros(rows, self.num_experts, dtype=torch.bool, device=self.device)
+        present[row_of_token, assignment] = True
+        self._samples += present.sum(dim=0)
+        counts_tensor = torch.bincount(assignment, minlength=self.num_experts)
+        self._tokens += counts_tensor
+        order = torch.argsort(assignment, stable=True)
+        grouped = flat.index_select(0, order).to(SGPT_PRECISION)
+        start = 0
+        for k, count in enumerate(counts_tensor.tolist()):
+            if count:
+                part = grouped[start : start + count]
+                self._sums[k].addmm_(part.t(), part)
+                start += count
+
+    def _checked_assignment(self, assignment: Tensor, num_tokens: int) -> Tensor:
+        if assignment.is_floating_point() or assignment.is_complex() or assignment.dtype == torch.bool:
+            raise ValueError(f"assignment must hold integer expert indices, got dtype {assignment.dtype}")
+        assignment = assignment.reshape(-1).long()
+        if assignment.shape[0] != num_tokens:
+            raise ValueError(f"{assignment.shape[0]} assignments for {num_tokens} tokens in this batch")
+        if num_tokens:
+            low, high = int(assignment.min()), int(assignment.max())
+            if low < 0 or high >= self.num_experts:
+                raise ValueError(
+                    f"assignment holds expert indices outside [0, {self.num_experts}): min {low}, max {high}"
+                )
+        return assignment
+
+    def result(self) -> ClusterHessians:
+        """The accumulated :class:`ClusterHessians` (new tensors; accumulation may continue afterwards)."""
+        tokens = [int(t) for t in self._tokens.tolist()]
+        if self.num_experts == 1:
+            hessians = self._sums.clone()
+            return ClusterHessians(
+                hessians,
+                [self._stock_samples],
+                tokens,
+                hessians[0].clone(),
+                self.global_samples,
+                self.global_tokens,
+            )
+        samples = [int(s) for s in self._samples.tolist()]
+        scale = torch.tensor(
+            [2.0 / s if s else 0.0 for s in samples], dtype=SGPT_PRECISION, device=self.device
+        )
+        hessians = self._sums * scale[:, None, None]
+        # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
+        global_h = self._sums.sum(dim=0) * (2.0 / max(self.global_samples, 1))
+        return ClusterHessians(hessians, samples, tokens, global_h, self.global_samples, self.global_tokens)
+
+
 def cluster_hessians(
-    batches: list[Tensor],
-    assignments: list[Tensor],
+    batches: Sequence[Tensor],
+    assignments: Sequence[Tensor],
     num_experts: int,
     device: torch.device | str | None = None,
 ) -> ClusterHessians:
     """Accumulate the Hessian of every cluster and the global one in one pass over the batches.
 
+    A wrapper over :class:`StreamingClusterHessians` for inputs already in memory.
     batches: each ``[batch, seq, n]`` or ``[tokens, n]`` as captured by a forward hook.
     assignments: each ``[tokens]`` expert index of that batch's tokens (flattened order).
-    device: where to accumulate (default: the batches' device); batches are moved one at a time.
+    device: where to accumulate (default: the first batch's device); batches are moved one at a time.
     """
     if len(batches) != len(assignments):
         raise ValueError(f"{len(batches)} input batches but {len(assignments)} assignments")
-    n = batches[0].shape[-1]
-    device = torch.device(device) if device is not None else batches[0].device
-    hessians = torch.zeros(num_experts, n, n, dtype=SGPT_PRECISION, device=device)
-    samples = [0] * num_experts
-    tokens = [0] * num_experts
-    global_samples = 0
-    global_tokens = 0
-    if num_experts == 1:  # stock SparseGPT's accumulation, batch by batch, operation for operation
-        for batch in batches:
-            batch = batch.to(device)
-            hessians[0], samples[0] = accumulate_hessian(batch, hessians[0], samples[0])
-            tokens[0] += batch.reshape(-1, n).shape[0]
-            global_samples += batch.shape[0] if batch.dim() == 3 else 1
-        global_tokens = tokens[0]
-        return ClusterHessians(hessians, samples, tokens, hessians[0].clone(), global_samples, global_tokens)
-    # K > 1: one X_k^T X_k per cluster over all batches (not K x batches small products);
-    # samples[k] counts the batches holding cluster k, so H_k = 2 / samples[k] * X_k^T X_k
-    # is what accumulating batch by batch would give.
-    flat = torch.cat([b.reshape(-1, n) for b in batches]).to(device=device, dtype=SGPT_PRECISION)
-    assignment = torch.cat([a.reshape(-1) for a in assignments]).to(device)
-    if assignment.shape[0] != flat.shape[0]:
-        raise ValueError(f"{assignment.shape[0]} assignments for {flat.shape[0]} tokens")
-    for batch, batch_assignment in zip(batches, assignments, strict=True):
-        global_samples += batch.shape[0] if batch.dim() == 3 else 1
-        for k in torch.unique(batch_assignment).tolist():
-            samples[k] += 1
-    global_tokens = flat.shape[0]
-    order = torch.argsort(assignment, stable=True)
-    counts = torch.bincount(assignment, minlength=num_experts).tolist()
-    start = 0
-    for k, count in enumerate(counts):
-        if count:
-            rows = flat.index_select(0, order[start : start + count])
-            torch.matmul(rows.t(), rows, out=hessians[k])
-            hessians[k] *= 2.0 / samples[k]
-            tokens[k] = count
-            start += count
-    # the clusters partition the tokens: X^T X = sum_k X_k^T X_k, no second pass over X
-    gram = torch.zeros_like(hessians[0])
-    for k in range(num_experts):
-        if samples[k]:
-            gram += hessians[k] * (samples[k] / 2.0)
-    global_h = gram * (2.0 / max(global_samples, 1))
-    return ClusterHessians(hessians, samples, tokens, global_h, global_samples, global_tokens)
+    if not batches:
+        raise ValueError("no input batches: run calibration data through the layer first")
+    device = device if device is not None else batches[0].device
+    stream = StreamingClusterHessians(num_experts, batches[0].shape[-1], device)
+    for batch, assignment in zip(batches, assignments, strict=True):
+        stream.add(batch, assignment)
+    return stream.result()
 
 
 def regularized_hessians(
@@ -112,20 +197,37 @@ def regularized_hessians(
     min_cluster_tokens: int = 0,
     small_cluster_rule: str = "global",
     small_cluster_dampening: float = 0.1,
+    prior_tokens: float = 0.0,
 ) -> tuple[Tensor, list[str]]:
     """The ``[K, n, n]`` Hessians to prune with, and log lines saying which rule touched which cluster.
 
+    prior_tokens ``tau >= 0`` (the recommended knob): a count-based prior toward the layer,
+        ``H_k <- (n_k E_k[x x^T] + tau E[x x^T]) / (n_k + tau)`` with ``n_k`` the cluster's
+        tokens, so a cluster of few tokens leans on the layer's Hessian and a large one keeps
+        its own (``tau`` acts as that many pseudo-tokens of the layer). Why: a cluster with
+        fewer tokens than input dimensions has a rank-deficient Hessian; a fixed shrinkage
+        pulls every cluster equally, large or small. 0 leaves ``H_k`` bit-for-bit as accumulated.
     shrinkage ``lam`` in [0, 1]: ``H_k <- (1 - lam) E_k[x x^T] + lam E[x x^T]`` (per-token means,
         so a cluster's scale does not matter); 0 leaves ``H_k`` bit-for-bit as accumulated.
+        Use one of ``shrinkage`` and ``prior_tokens``, not both.
     min_cluster_tokens / small_cluster_rule: a cluster with fewer tokens uses the
         global Hessian (``global``, its expert is then plain SparseGPT's) or gets
-        ``small_cluster_dampening * mean(diag)`` more dampening (``dampen``).
-        ``merge`` is applied before (the modifier re-routes those tokens), so here
-        it acts as ``global`` for anything still small. An empty cluster always
-        uses the global Hessian.
+        ``small_cluster_dampening * mean(diag)`` more dampening (``dampen``, after the
+        prior or shrinkage). ``merge`` is applied before (the modifier re-routes those
+        tokens), so here it acts as ``global`` for anything still small. An empty
+        cluster always uses the global Hessian.
     """
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"hessian_shrinkage must lie in [0, 1], got {shrinkage}")
+    if not prior_tokens >= 0.0:  # also rejects NaN
+        raise ValueError(
+            f"prior_tokens (tau, in tokens) must be >= 0, got {prior_tokens}; use 0 for no prior"
+        )
+    if shrinkage > 0 and prior_tokens > 0:
+        raise ValueError(
+            f"hessian_shrinkage={shrinkage} and prior_tokens={prior_tokens} both pull clusters toward the "
+            "layer's Hessian: set one of them and leave the other at 0 (prior_tokens is recommended)"
+        )
     if small_cluster_rule not in SMALL_CLUSTER_RULES:
         raise ValueError(
             f"small_cluster_rule must be one of {SMALL_CLUSTER_RULES}, got {small_cluster_rule!r}"
@@ -141,6 +243,19 @@ def regularized_hessians(
         # solver does not see): falling back to "the global Hessian" leaves it as accumulated
         return global_mean if global_mean is not None else stats.hessians[k]
 
+    # one expert: its Hessian is the layer's, so the prior changes nothing and stock's is kept as is
+    use_prior = prior_tokens > 0 and num_experts > 1
+
+    def pulled(k: int) -> Tensor:
+        """Cluster k's per-token Hessian after the prior or the shrinkage."""
+        own = stats.per_token(k)
+        if use_prior:
+            count = stats.tokens[k]
+            return (count * own + prior_tokens * global_hessian(k)) / (count + prior_tokens)
+        if shrinkage > 0:
+            return (1 - shrinkage) * own + shrinkage * global_hessian(k)
+        return own
+
     for k in range(num_experts):
         count = stats.tokens[k]
         if count == 0:
@@ -152,17 +267,13 @@ def regularized_hessians(
                 out[k] = global_hessian(k)
                 notes.append(f"expert {k}: {count} tokens < {min_cluster_tokens}, using the global Hessian")
                 continue
-            mean = (
-                stats.per_token(k)
-                if shrinkage <= 0
-                else (1 - shrinkage) * stats.per_token(k) + shrinkage * global_hessian(k)
-            )
+            mean = pulled(k)
             extra = small_cluster_dampening * mean.diagonal().mean()
             out[k] = mean + extra * torch.eye(mean.shape[0], dtype=mean.dtype, device=mean.device)
             notes.append(
                 f"expert {k}: {count} tokens < {min_cluster_tokens}, dampening +{small_cluster_dampening:g} x mean diag"
             )
             continue
-        if shrinkage > 0:
-            out[k] = (1 - shrinkage) * stats.per_token(k) + shrinkage * global_hessian(k)
+        if shrinkage > 0 or use_prior:
+            out[k] = pulled(k)
     return out, notes
