@@ -104,6 +104,42 @@ def test_unknown_pattern_lists_candidates_and_no_ffn_model_is_refused():
         select_linears(no_ffn)
 
 
+NAME_CASES = [
+    # (pattern, expected names among the tiny Llama's linears), written out by hand as the reference
+    ("model.layers.1.mlp.up_proj", ["model.layers.1.mlp.up_proj"]),
+    ("up_proj", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]),
+    ("1.mlp.up_proj", ["model.layers.1.mlp.up_proj"]),
+    ("p_proj", []),  # a suffix ends at a dot
+    ("mlp", []),  # a parent is not a linear
+    (r"re:layers\.0\..*(gate|down)", ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.down_proj"]),
+    ("re:lm_head$", ["lm_head"]),
+]
+
+
+@pytest.mark.parametrize(("pattern", "expected"), NAME_CASES)
+def test_one_name_matcher_for_layers_and_plot_layer(pattern, expected):
+    from sparse_expansion_plugin.analysis.analyze import _resolve_plot_layer
+    from sparse_expansion_plugin.modeling.targets import linear_names
+
+    model = make_tiny_llama()
+    names = linear_names(model)
+    if not expected:
+        with pytest.raises(ValueError, match=f"{pattern!r} matched no module; candidates: .*up_proj"):
+            select_linears(model, [pattern])
+        with pytest.raises(ValueError, match=f"plot layer {pattern!r} matched no module"):
+            _resolve_plot_layer(names, pattern)
+        return
+    assert select_linears(model, [pattern]) == sorted(expected, key=names.index)
+    assert _resolve_plot_layer(names, pattern) == sorted(expected, key=names.index)[0]
+
+
+def test_bad_regex_names_the_option():
+    with pytest.raises(ValueError, match=r"plot layer 're:\(' is not a valid regex"):
+        from sparse_expansion_plugin.analysis.analyze import _resolve_plot_layer
+
+        _resolve_plot_layer(["a.b"], "re:(")
+
+
 def test_too_few_tokens_for_pairs():
     model = make_tiny_llama()
     with pytest.raises(ValueError, match="need 200 distinct tokens"):

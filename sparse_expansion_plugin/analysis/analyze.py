@@ -15,7 +15,7 @@ from sparse_expansion_plugin.analysis.capture import NeuronStatistics, collect_n
 from sparse_expansion_plugin.analysis.plots import plot_top_neurons, plot_wd_across_layers
 from sparse_expansion_plugin.analysis.report import layer_summary, write_neuron_table, write_summary
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
-from sparse_expansion_plugin.modeling.targets import select_linears
+from sparse_expansion_plugin.modeling.targets import matching_names, select_linears
 from sparse_expansion_plugin.outputs import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def analyze_model(
 
 
 def _resolve_plot_layer(names: list[str], wanted: str | None) -> str:
-    """The layer whose top neurons are plotted: a name, a suffix, or a position in ``names`` (default: first)."""
+    """The layer whose top neurons are plotted: a position in ``names`` or a ``name_matches`` pattern (default: first)."""
     if wanted is None:
         return names[0]
     if wanted.lstrip("-").isdigit():
@@ -103,12 +103,7 @@ def _resolve_plot_layer(names: list[str], wanted: str | None) -> str:
         if not -len(names) <= index < len(names):
             raise ValueError(f"plot layer index {index} is out of range: {len(names)} layers are analysed")
         return names[index]
-    hits = [n for n in names if n == wanted or n.endswith(wanted)]
-    if not hits:
-        raise ValueError(
-            f"plot layer {wanted!r} is not among the analysed layers: {', '.join(names[:6])}, ..."
-        )
-    return hits[0]
+    return matching_names(names, wanted, what="plot layer")[0]
 
 
 def gaussian_reference_wd(tokens: int, seed: int = 0) -> float:

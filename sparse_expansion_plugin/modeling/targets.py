@@ -96,8 +96,40 @@ def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     return blocks
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether module ``name`` matches ``pattern``: the exact name, a dotted suffix, or a ``re:`` regex.
+
+    ``"mlp.up_proj"`` matches ``model.layers.0.mlp.up_proj`` but ``"p_proj"``
+    does not (suffixes end at a dot); ``"re:..."`` is searched anywhere in the
+    name (anchor it with ``^``/``$``). The one matcher of the package's own
+    layer options (``--layers``, ``--plot-layer``), so they agree.
+    """
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def matching_names(names: list[str], pattern: str, what: str = "layer pattern") -> list[str]:
+    """The ``names`` that ``pattern`` matches (``name_matches``), in order; raises with candidates if none.
+
+    A bad regex and a pattern matching nothing both raise ``ValueError``
+    naming ``what`` (the option it came from) and the last name components on offer.
+    """
+    try:
+        hits = [n for n in names if name_matches(n, pattern)]
+    except re.error as error:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {error}") from None
+    if not hits:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"{what} {pattern!r} matched no module; candidates: {', '.join(leaves)} "
+            "(or a regex prefixed with 're:')"
+        )
+    return hits
+
+
 def select_linears(model: nn.Module, patterns: list[str] | None = None) -> list[str]:
-    """Linear names matching ``patterns`` (suffixes or ``re:`` regexes); default: every FFN input projection.
+    """Linear names matching ``patterns`` (``name_matches``); default: every FFN input projection.
 
     Raises with the candidate names when a pattern matches nothing.
     """
@@ -108,18 +140,7 @@ def select_linears(model: nn.Module, patterns: list[str] | None = None) -> list[
         raise ValueError(f"{type(model).__name__} has no linear layers to match {patterns}")
     chosen: list[str] = []
     for pattern in patterns:
-        if pattern.startswith("re:"):
-            regex = re.compile(pattern[3:])
-            hits = [n for n in names if regex.search(n)]
-        else:
-            hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
-        if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise ValueError(
-                f"layer pattern {pattern!r} matched no module; candidates: {', '.join(leaves)} "
-                "(or a regex prefixed with 're:')"
-            )
-        chosen.extend(h for h in hits if h not in chosen)
+        chosen.extend(h for h in matching_names(names, pattern) if h not in chosen)
     return chosen
 
 
