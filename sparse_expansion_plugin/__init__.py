@@ -1,9 +1,16 @@
 """Wasserstein neurons and Sparse Expansion for llm-compressor and lm-evaluation-harness.
 
-Importing the package registers its llm-compressor modifiers by name, so a
-YAML recipe can say ``WassersteinSparseGPTModifier`` or
-``SparseExpansionModifier`` like a built-in, and the lm-eval model
-``sparse-expansion`` (lazily: the wrapper loads only when it is asked for).
+Importing the package is cheap (no torch, no llm-compressor) and makes its
+plugins findable by name:
+
+- the llm-compressor modifiers ``WassersteinSparseGPTModifier`` and
+  ``SparseExpansionModifier``, so a YAML recipe can name them like built-ins.
+  They are registered with ``ModifierFactory`` when llm-compressor is (or
+  once it gets) imported, in either import order; see ``modifiers``.
+- the lm-eval model ``sparse-expansion`` (a lazy placeholder: the wrapper
+  loads only when it is asked for); see ``evaluation.lm_eval_registry``.
+
+Public names below load on first use.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import importlib
 from typing import Any
 
 from sparse_expansion_plugin.evaluation.lm_eval_registry import register_lm_eval_model
-from sparse_expansion_plugin.modifiers import MODIFIER_MODULES, register_modifiers
+from sparse_expansion_plugin.modifiers import MODIFIER_MODULES, register_modifiers_when_llmcompressor_loads
 
 __version__ = "0.1.0"
 
@@ -29,7 +36,7 @@ _LAZY: dict[str, str] = {
     "analyze_model": "sparse_expansion_plugin.analysis.analyze",
 }
 
-register_modifiers()
+register_modifiers_when_llmcompressor_loads()
 register_lm_eval_model()
 
 
