@@ -103,11 +103,11 @@ def test_every_expert_meets_its_sparsity(expanded4):
             zeros = (~keep).sum().item()
             blocks = -(-layer.in_features // 128)
             assert int(keep.numel() * 0.5) <= zeros <= int(keep.numel() * 0.5) + blocks, name
-    # gate and up share one router, down has its own; all live on the MLP block
+    # gate and up are routed by the block's router (on the MLP input); down routes its own input
     mlp = expanded4.model.layers[0].mlp
-    assert mlp.gate_proj.router is mlp.up_proj.router is mlp.se_router_gate_proj
-    assert mlp.down_proj.router is mlp.se_router_down_proj
-    assert mlp.se_router_down_proj.in_features == 64
+    assert mlp.gate_proj.router is None and mlp.up_proj.router is None
+    assert mlp.se_router.in_features == 32
+    assert mlp.down_proj.router is not None and mlp.down_proj.router.in_features == 64
 
 
 def test_experts_differ_and_routing_uses_them(expanded4):
@@ -153,7 +153,11 @@ def test_same_seed_same_model_and_down_calibration_modes(tiny_dir, expanded4):
     for name, layer in expanded_linears(expanded4).items():
         other = again.get_submodule(name)
         assert torch.equal(layer.values, other.values) and torch.equal(layer.mask, other.mask)
-        assert torch.equal(layer.router.weight, other.router.weight)
+        if layer.router is not None:
+            assert torch.equal(layer.router.weight, other.router.weight)
+    for i in range(2):
+        block, other_block = expanded4.model.layers[i].mlp, again.model.layers[i].mlp
+        assert torch.equal(block.se_router.weight, other_block.se_router.weight)
     expanded = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, down_calibration="expanded")])
     first = expanded.model.layers[0].mlp
     # gate/up are fitted on the same inputs either way; down sees different (expanded) inputs
@@ -198,8 +202,12 @@ def test_bad_inputs_fail_clearly(tiny_dir):
         SparseExpansionModifier(mask_structure="4:2")
     with pytest.raises(ValueError, match="exceeds the"):
         compress(tiny_dir, [SparseExpansionModifier(num_experts=40)], num=2, length=16)
-    with pytest.raises(ValueError, match="matched no module"):
+    with pytest.raises(ValueError, match="'mlp.upp_proj' matched no module.*up_proj"):
         compress(tiny_dir, [SparseExpansionModifier(targets=["mlp.upp_proj"])])
+    with pytest.raises(ValueError, match="leave no linear to expand"):
+        compress(tiny_dir, [SparseExpansionModifier(targets=["Linear"], ignore=["re:.*"])])
+    with pytest.raises(ValueError, match="prior_tokens.*hessian_shrinkage"):
+        compress(tiny_dir, [SparseExpansionModifier(prior_tokens=10, hessian_shrinkage=0.5)])
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -257,13 +265,12 @@ def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
 
     model = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, share_router_with_down=True)])
     mlp = model.model.layers[1].mlp
-    assert mlp.down_proj.reuse_routing and mlp.down_proj.router is mlp.gate_proj.router
-    assert not hasattr(mlp, "se_router_down_proj")
+    assert mlp.down_proj.router is None and mlp.gate_proj.router is None  # all three by the block
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
         got = mlp(x)
         flat = x.reshape(-1, 32)
-        ks = mlp.gate_proj.router.scores(flat).argmax(1)
+        ks = mlp.se_router.scores(flat).argmax(1)
         rows = []
         for row, k in zip(flat, ks.tolist(), strict=True):  # one expert per token through the whole MLP
             h = torch.nn.functional.silu(mlp.gate_proj.expert_weight(k) @ row) * (

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch.nn as nn
 
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
+from sparse_expansion_plugin.sparse_expansion.packing import packed_bytes
 from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
 
@@ -47,7 +48,7 @@ def expansion_cost(model: nn.Module) -> ExpansionCost:
     layers = expanded_linears(model)
     if not layers:
         raise ValueError("model has no ExpandedLinear layers")
-    routers = [m for m in model.modules() if isinstance(m, ExpertRouter)]
+    routers = [m for m in model.modules() if isinstance(m, ExpertRouter)]  # each once, block or own
     dense_bytes = sgpt_bytes = expanded = dense_flops = nonzero_flops = 0
     experts = density = 0.0
     for layer in layers.values():
@@ -56,9 +57,7 @@ def expansion_cost(model: nn.Module) -> ExpansionCost:
         kept = layer.values.numel() / layer.num_experts  # mean kept values per expert
         dense_bytes += params * bytes_per_value
         sgpt_bytes += int(kept * bytes_per_value + layer.mask[0].numel())
-        expanded += layer.stored_bytes() - (
-            layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
-        )
+        expanded += packed_bytes(layer.values, layer.mask, layer.nnz)
         dense_flops += 2 * params
         nonzero_flops += int(2 * kept)
         experts += layer.num_experts

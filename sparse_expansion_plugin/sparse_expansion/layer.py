@@ -1,12 +1,17 @@
-"""``ExpandedLinear``: K sparse experts of one linear layer, each token computed by its cluster's expert.
+"""``ExpandedLinear``: K packed sparse experts of one linear layer, applied under a given routing.
 
 Why this shape: the reference implementation runs the dense layer *and* every
 expert (zero-filled) on each call, batch size 1. Here tokens are grouped by
-expert (one stable sort per MLP block, shared through the router's cache), each
-expert does one matmul on its tokens, results are scattered back; the dense
-weight is never computed. Experts live packed (values + bitmask, see
-``compact.py``) and are unpacked only for the experts a call uses;
-:func:`materialize_experts` trades memory for speed by keeping dense copies.
+expert (the routing's stable sort), each expert does one matmul on its tokens,
+and results are scattered back; the dense weight is never computed. Experts
+live packed (values + bitmask, ``packing.py``) and are unpacked only for the
+experts a call uses; :func:`materialize_experts` trades memory for speed.
+
+Where the routing comes from: a layer that routes its *own* input owns a
+router (a registered submodule, ``<layer>.router``); a layer routed by its MLP
+block's router receives the block's routing for the duration of one MLP call
+(``block.py`` sets :attr:`ExpandedLinear.block_routing` before the MLP's forward
+and clears it after), so nothing depends on the order in which layers run.
 """
 
 from __future__ import annotations
@@ -21,22 +26,23 @@ from sparse_expansion_plugin.sparse_expansion.packing import (
     unpack_expert,
     unpack_mask,
 )
-from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
+from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter, Routing
 
 
 class ExpandedLinear(nn.Module):
     """A linear layer ``y = x W_k^T + b`` whose weight ``W_k`` depends on the token's expert ``k``.
 
     Buffers (saved): ``values [nnz_total]``, ``mask [K, out, ceil(in/8)]`` uint8,
-    ``nnz [K]``; parameter ``bias [out]`` (shared by all experts) or None.
-    The router is *not* a submodule (it is shared and lives on the MLP block);
-    it is passed in and held by reference.
+    ``nnz [K]``; parameter ``bias [out]`` (shared by all experts) or None;
+    submodule ``router`` when this layer routes its own input (else None, and
+    its MLP block hands it a routing per call).
     """
 
     values: Tensor
     mask: Tensor
     nnz: Tensor
     bias: nn.Parameter | None
+    router: ExpertRouter | None
     dense_experts: Tensor | None  # non-persistent buffer: ``[K, in, out]`` when materialized
 
     def __init__(
@@ -45,14 +51,13 @@ class ExpandedLinear(nn.Module):
         out_features: int,
         num_experts: int,
         nnz_total: int,
-        router: ExpertRouter,
+        router: ExpertRouter | None = None,
         bias: bool = True,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        reuse_routing: bool = False,
     ) -> None:
         super().__init__()
-        if router.num_experts != num_experts or (router.in_features != in_features and not reuse_routing):
+        if router is not None and (router.num_experts != num_experts or router.in_features != in_features):
             raise ValueError(
                 f"router routes {router.in_features}-d inputs to {router.num_experts} experts, "
                 f"but this layer has {in_features} inputs and {num_experts} experts"
@@ -67,27 +72,26 @@ class ExpandedLinear(nn.Module):
         )
         self.register_buffer("nnz", torch.zeros(num_experts, dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.router = router
         self.register_buffer("dense_experts", None, persistent=False)
-        self._router = [router]  # a list, so the shared router is not registered twice
-        self.reuse_routing = reuse_routing  # route by the MLP input's routing (down sharing gate/up's router)
+        self.block_routing: Routing | None = None  # set by the MLP block for one call (block.py)
+        self._offsets: list[int] | None = None  # where each expert's values start (host ints)
 
     @property
-    def router(self) -> ExpertRouter:
-        return self._router[0]
+    def routes_own_input(self) -> bool:
+        return self.router is not None
 
     @classmethod
     def from_experts(
         cls,
         weights: Tensor,
-        router: ExpertRouter,
+        router: ExpertRouter | None = None,
         bias: Tensor | None = None,
         keep: Tensor | None = None,
-        reuse_routing: bool = False,
     ) -> ExpandedLinear:
         """Pack pruned expert ``weights [K, out, in]`` (``keep`` bool mask, default non-zeros).
 
-        ``reuse_routing``: route each token by the router's latest routing (of the MLP
-        input) instead of routing this layer's own input.
+        ``router``: this layer's own router, or None for a layer routed by its MLP block.
         """
         values, mask, nnz = pack_experts(weights, keep)
         num_experts, out_features, in_features = weights.shape
@@ -100,7 +104,6 @@ class ExpandedLinear(nn.Module):
             bias=bias is not None,
             dtype=weights.dtype,
             device=weights.device,
-            reuse_routing=reuse_routing,
         )
         layer.values.copy_(values)
         layer.mask.copy_(mask)
@@ -109,45 +112,71 @@ class ExpandedLinear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._offsets = None  # new nnz: recompute where each expert starts
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _expert_offset(self, k: int) -> int:
+        if self._offsets is None:
+            counts = [int(c) for c in self.nnz.tolist()]
+            self._offsets = [sum(counts[:i]) for i in range(len(counts))]
+        return self._offsets[k]
+
     def expert_weight(self, k: int) -> Tensor:
         """Dense weight ``[out, in]`` of expert ``k`` (unpacked, or a transposed view when materialized)."""
         if self.dense_experts is not None:
             return self.dense_experts[k].t()
-        offset = int(self.nnz[:k].sum()) if k else 0
-        return unpack_expert(self.values, self.mask[k], offset, self.in_features)
+        return unpack_expert(self.values, self.mask[k], self._expert_offset(k), self.in_features)
 
     def expert_keep_mask(self, k: int) -> Tensor:
         """Bool keep mask ``[out, in]`` of expert ``k``."""
         return unpack_mask(self.mask[k], self.in_features)
 
+    def routing_for(self, x: Tensor) -> Routing:
+        """This call's routing: the own router's on ``x``, or the one the MLP block handed over."""
+        if self.router is not None:
+            return self.router(x)
+        if self.block_routing is None:
+            raise RuntimeError(
+                "this ExpandedLinear is routed by its MLP block's router, but was called outside that "
+                "block's forward (no routing was handed to it); call the MLP module, not the linear alone"
+            )
+        return self.block_routing
+
     def forward(self, x: Tensor) -> Tensor:
         """``x [..., in] -> [..., out]``; each token's row uses its routed expert only."""
-        routing = self.router.last_routing if self.reuse_routing else self.router(x)
+        if x.device.type == "meta":  # shape inference (e.g. a memory planner on a meta model)
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        routing = self.routing_for(x)
         flat = x.reshape(-1, self.in_features)
-        used = [k for k, c in enumerate(routing.counts) if c]
-        if len(used) == 1:  # one expert for every token (typical while decoding one token)
+        if routing.num_tokens != flat.shape[0]:
+            raise RuntimeError(
+                f"routing covers {routing.num_tokens} tokens but the input has {flat.shape[0]}; the block "
+                "routing was computed for another input"
+            )
+        counts = routing.host_counts
+        used = [k for k, c in enumerate(counts) if c]
+        if not used:  # no tokens: same as nn.Linear on an empty input
+            out = flat.new_zeros(0, self.out_features)
+        elif len(used) == 1:  # one expert for every token (typical while decoding one token)
             out = flat @ self.expert_weight(used[0]).t()
         else:
-            grouped = routing.grouped_input
-            if self.reuse_routing or grouped is None or grouped.dtype != flat.dtype:
-                grouped = flat.index_select(0, routing.order)  # gather once per input, not per linear
-                if not self.reuse_routing:
-                    routing.grouped_input = grouped
+            grouped = routing.grouped(flat)  # gathered once per MLP input, shared by gate and up
             parts, start = [], 0
-            for k, count in enumerate(routing.counts):
-                if count:
-                    parts.append(grouped[start : start + count] @ self.expert_weight(k).t())
-                    start += count
+            for k in used:
+                parts.append(grouped[start : start + counts[k]] @ self.expert_weight(k).t())
+                start += counts[k]
             result = torch.cat(parts)
             out = torch.empty_like(result).index_copy_(0, routing.order, result)
         if self.bias is not None:
-            out += self.bias
+            out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def stored_bytes(self) -> int:
-        """Bytes of the packed experts and bias (the router is counted on the block)."""
+        """Bytes of the packed experts, bias and own router."""
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
-        return packed_bytes(self.values, self.mask, self.nnz) + bias
+        router = sum(t.numel() * t.element_size() for t in self.router.buffers()) if self.router else 0
+        return packed_bytes(self.values, self.mask, self.nnz) + bias + router
 
     def materialize(self, enable: bool = True, experts: Tensor | None = None) -> int:
         """Keep dense copies of all experts (``enable``) or drop them; returns their bytes.
@@ -155,10 +184,9 @@ class ExpandedLinear(nn.Module):
         ``experts [K, out, in]``: the dense pruned weights this layer was packed from, when
         the caller still has them (the modifier does), so nothing is unpacked.
         """
-        if not enable:
-            self.dense_experts = None
-            return 0
         self.dense_experts = None
+        if not enable:
+            return 0
         # stored [K, in, out]: ``x @ W_k^T`` is then a plain (non-transposed) GEMM, which measured
         # faster for the per-expert row blocks than the transposed layout on CPU
         if experts is not None:
@@ -178,8 +206,8 @@ class ExpandedLinear(nn.Module):
         density = self.values.numel() / dense if dense else 0.0
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_experts={self.num_experts}, density={density:.3f}, bias={self.bias is not None}"
-            + (", reuse_routing=True" if self.reuse_routing else "")
+            f"num_experts={self.num_experts}, density={density:.3f}, bias={self.bias is not None}, "
+            f"routing={'own input' if self.router is not None else 'MLP block'}"
         )
 
 
@@ -201,10 +229,3 @@ def materialize_experts(model: nn.Module, enable: bool = True) -> int:
     Returns the bytes the dense copies take.
     """
     return sum(layer.materialize(enable) for layer in expanded_linears(model).values())
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Set ``model.<name> = module`` (dotted name)."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)

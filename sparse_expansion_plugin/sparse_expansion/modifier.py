@@ -1,57 +1,98 @@
 """``SparseExpansionModifier``: one-shot mixture of sparse experts inside llm-compressor's pipeline.
 
-Lifecycle (sequential pipeline, one decoder layer per epoch):
+Built on llm-compressor's ``SparsityModifierBase`` (as ``SparseGPTModifier`` and
+our WD-aware modifier are), so ``targets`` / ``ignore``, ``mask_structure`` and
+hook handling mean the same for all three. Lifecycle (sequential pipeline, one
+decoder layer per epoch):
 
-- ``on_initialize``: find the target linears (default: every FFN linear, by
+- ``on_initialize``: resolve the target linears (default: every FFN linear, by
   architecture) and group those that share an input (gate + up) under one router.
-- ``on_calibration_start``: a forward hook on the first linear of each group
-  keeps its inputs (CPU, float32) during the layer's calibration pass.
-- ``on_sequential_epoch_end``: per group, fit PCA + k-means on the inputs,
-  fold them into a router, accumulate every cluster's Hessian in one pass,
-  prune all K experts of each linear in one batched SparseGPT solve, and
-  replace the linears by ``ExpandedLinear`` before the pipeline propagates
-  this layer's outputs (so the next layer is calibrated on expanded outputs).
-  The down projection is calibrated on the dense upstream outputs seen in the
-  calibration pass, or (``down_calibration: expanded``) on the outputs of the
-  already-expanded gate/up recomputed from the kept MLP inputs.
-- ``on_calibration_end`` / ``on_finalize``: compress anything left, drop hooks.
-
-Why inputs are kept rather than streamed: clusters must be known before their
-Hessians can be accumulated, and one layer's FFN inputs are small (64 x 512
-tokens x 1536 floats = 200 MB for SmolLM2's down projection).
+- ``on_calibration_start``: a forward hook (llm-compressor's ``HooksMixin``) on the
+  first linear of each group feeds its inputs into that group's :class:`_Calibration`.
+- While tokens stream past: the first ``router_fit_tokens`` tokens of a group are
+  kept (CPU, float32) to fit its router (PCA + k-means); from then on every batch is
+  routed and added to the K per-cluster Hessians at once (``StreamingClusterHessians``),
+  so memory is ``O(K d^2 + router_fit_tokens d)`` whatever the calibration size.
+- ``on_sequential_epoch_end`` (base, ``compress_modules``): per group, finish its
+  Hessians, prune all K experts of each linear in one batched SparseGPT solve, and
+  install the expanded layers (``block.install_expanded_block``) before the pipeline
+  propagates this layer's outputs (the next layer is calibrated on expanded outputs).
+- ``on_finalize``: fail if a target never saw calibration data.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+from compressed_tensors.utils import match_named_modules, match_targets
 from llmcompressor.core import Event, State
-from llmcompressor.modifiers.modifier import Modifier
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES, SparsityModifierBase
 from llmcompressor.modifiers.utils.hooks import HooksMixin
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator
 
-from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight, select_linears
+from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
-from sparse_expansion_plugin.sparse_expansion.clustering import drop_experts, fit_router, pca_components_for
+from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
+from sparse_expansion_plugin.sparse_expansion.block import install_expanded_block
+from sparse_expansion_plugin.sparse_expansion.clustering import (
+    FittedRouter,
+    drop_experts,
+    fit_router,
+    pca_components_for,
+)
 from sparse_expansion_plugin.sparse_expansion.hessians import (
-    SMALL_CLUSTER_RULES,
-    cluster_hessians,
+    StreamingClusterHessians,
     regularized_hessians,
 )
-from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, replace_module
+from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["SparseExpansionModifier"]
 
-ROUTER_PREFIX = "se_router_"
-"""Routers live on the MLP block as ``<parent>.se_router_<first linear's leaf name>``."""
+
+def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
+    weight = module_weight(module).detach()
+    return weight.t() if type(module).__name__ == "Conv1D" else weight
+
+
+def _as_batch(inputs: torch.Tensor) -> torch.Tensor:
+    """A captured input as ``[batch, seq, d]`` (a 2-D input is one sample), detached."""
+    inputs = inputs.detach()
+    return inputs.unsqueeze(0) if inputs.dim() == 2 else inputs
+
+
+def _size_summary(counts: list[int]) -> str:
+    ordered = sorted(counts)
+    return (
+        f"min {ordered[0]:,} / median {ordered[len(ordered) // 2]:,} / max {ordered[-1]:,} "
+        f"of {sum(ordered):,} tokens"
+    )
+
+
+@dataclass
+class _Calibration:
+    """What one router group has seen so far in this layer's calibration pass.
+
+    ``sample``: inputs kept to fit the router (and, for a down projection
+    calibrated on expanded gate/up outputs, every input); ``assignments``: each
+    batch's expert indices once routed, kept (8 bytes a token) for a down
+    projection that is routed by this group's routing.
+    """
+
+    sample: list[torch.Tensor] = field(default_factory=list)
+    sample_tokens: int = 0
+    batches_seen: int = 0
+    fitted: FittedRouter | None = None
+    hessians: StreamingClusterHessians | None = None
+    assignments: list[torch.Tensor] = field(default_factory=list)
+    kept: list[torch.Tensor] = field(default_factory=list)  # every input, only when `keep_all`
 
 
 @dataclass
@@ -61,35 +102,19 @@ class _Group:
     names: list[str]
     parent: str
     output: bool = False
-    source: _Group | None = None  # for a down projection calibrated on expanded upstream outputs
-    shares: _Group | None = None  # for a down projection routed by the gate/up router
-    batches: list[torch.Tensor] = field(default_factory=list)
-    fitted: Any = None  # the FittedRouter, kept while a down projection still needs it
+    source: _Group | None = None  # down projection calibrated on expanded upstream outputs
+    shares: _Group | None = None  # down projection routed by the gate/up router
+    keep_all: bool = False  # keep every input (a dependent down projection recomputes from them)
+    calib: _Calibration = field(default_factory=_Calibration)
     done: bool = False
 
     @property
-    def router_name(self) -> str:
-        leaf = self.names[0].rsplit(".", 1)[-1]
-        return f"{self.parent}.{ROUTER_PREFIX}{leaf}" if self.parent else f"{ROUTER_PREFIX}{leaf}"
+    def leaves(self) -> list[str]:
+        prefix = f"{self.parent}." if self.parent else ""
+        return [name[len(prefix) :] for name in self.names]
 
 
-def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
-    weight = module_weight(module).detach()
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if re.search(pattern[3:], name):
-                return True
-        elif name == pattern or name.endswith("." + pattern):
-            return True
-    return False
-
-
-class SparseExpansionModifier(Modifier):
+class SparseExpansionModifier(SparsityModifierBase):
     """Sparse Expansion: per FFN linear, one SparseGPT-pruned expert per input cluster, routed per token.
 
     Sample yaml:
@@ -101,37 +126,40 @@ class SparseExpansionModifier(Modifier):
           sparsity: 0.5
           mask_structure: "0:0"
           num_experts: 16
-          pca_reduction: 32
           seed: 0
-          share_gate_up_router: true
-          down_calibration: dense
-          min_cluster_tokens: 0
-          small_cluster_rule: global
-          hessian_shrinkage: 0.0
+          ignore: ['re:.*lm_head']
     ```
 
     :param sparsity: fraction of zeros of every expert, in [0, 1) (ignored for N:M, as upstream)
     :param mask_structure: "N:M" structured pruning, "0:0" unstructured
+    :param targets: as llm-compressor's (module names, ``re:`` regexes or class names such as
+        ``Linear``); default None: every FFN linear of the architecture
+    :param ignore: as llm-compressor's; modules to leave dense
     :param num_experts: experts (clusters) per linear; 1 is stock SparseGPT
     :param pca_reduction: PCA keeps ``in_features // pca_reduction`` components ...
     :param pca_components: ... unless this gives the number explicitly
     :param kmeans_n_init: k-means restarts (scikit-learn), best inertia kept
     :param kmeans_max_iter: k-means iterations
-    :param max_fit_tokens: fit PCA/k-means on at most this many (seeded random) tokens
+    :param router_fit_tokens: fit each router on the first this-many calibration tokens, then
+        stream the rest (memory bounded); None keeps every token to fit on (exact, more memory)
+    :param max_fit_tokens: fit PCA/k-means on at most this many (seeded random) of those tokens
+    :param input_norm: ``none`` or ``l2``: cluster (and route) unit-norm tokens, so a few tokens
+        with huge activations do not take every centroid
+    :param fit_outlier_quantile: leave tokens whose norm exceeds this quantile out of the fit
     :param seed: seeds PCA and k-means; the same seed gives the same model
-    :param targets: linear names (suffixes) or ``re:`` regexes; default: every FFN linear
-    :param ignore: names or ``re:`` regexes to leave dense
     :param share_gate_up_router: gate and up projections share one router (they see the same input)
     :param share_router_with_down: the down projection reuses the gate/up routing of each
         token (one router per MLP block) instead of clustering its own inputs
     :param down_calibration: ``dense``: the down projection's experts are fitted on the dense
         gate/up outputs of the calibration pass (as stock SparseGPT); ``expanded``: on the
-        outputs of the already-expanded gate/up
+        outputs of the already-expanded gate/up (keeps every MLP input of the layer)
     :param min_cluster_tokens: a cluster with fewer calibration tokens gets ``small_cluster_rule``
     :param small_cluster_rule: ``global`` (use the layer's Hessian), ``dampen`` (more dampening),
         or ``merge`` (drop the cluster; its tokens go to the nearest other one)
     :param small_cluster_dampening: extra dampening (fraction of mean diagonal) for ``dampen``
-    :param hessian_shrinkage: ``H_k <- (1-lam) H_k + lam H_global`` (per-token means), lam in [0, 1]
+    :param prior_tokens: ``tau``: ``H_k <- (n_k H_k + tau H) / (n_k + tau)`` (per-token means): a
+        cluster with few tokens leans on the layer's Hessian, a large one keeps its own
+    :param hessian_shrinkage: ``H_k <- (1-lam) H_k + lam H`` whatever the cluster's size, lam in [0, 1]
     :param block_size: SparseGPT column block size
     :param dampening_frac: SparseGPT dampening, fraction of the mean Hessian diagonal
     :param expert_batch_size: solve at most this many experts at once (memory: E x n x n floats)
@@ -139,83 +167,78 @@ class SparseExpansionModifier(Modifier):
         (one layer at a time) so the pipeline's propagation pass does not unpack them per batch
     """
 
-    sparsity: float = 0.5
+    sparsity: float = 0.5  # type: ignore[assignment]  # one float (the base allows lists)
     mask_structure: str = "0:0"
+    targets: str | list[str] | None = None  # type: ignore[assignment]  # None: FFN linears
+    ignore: list[str] = Field(default_factory=list)
     num_experts: int = Field(default=16, ge=1)
     pca_reduction: int = Field(default=32, ge=1)
-    pca_components: int | None = None
+    pca_components: int | None = Field(default=None, ge=1)
     kmeans_n_init: int = Field(default=1, ge=1)
     kmeans_max_iter: int = Field(default=300, ge=1)
-    max_fit_tokens: int | None = None
+    router_fit_tokens: int | None = Field(default=None, ge=1)
+    max_fit_tokens: int | None = Field(default=None, ge=1)
+    input_norm: Literal["none", "l2"] = "none"
+    fit_outlier_quantile: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
-    targets: list[str] | None = None
-    ignore: list[str] = Field(default_factory=list)
     share_gate_up_router: bool = True
     share_router_with_down: bool = False
     down_calibration: Literal["dense", "expanded"] = "dense"
     min_cluster_tokens: int = Field(default=0, ge=0)
     small_cluster_rule: Literal["global", "dampen", "merge"] = "global"
     small_cluster_dampening: float = Field(default=0.1, ge=0)
+    prior_tokens: float = Field(default=0.0, ge=0)
     hessian_shrinkage: float = Field(default=0.0, ge=0, le=1)
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0)
     expert_batch_size: int = Field(default=16, ge=1)
     materialize_while_calibrating: bool = True
 
-    requires_calibration_data: bool = True
-
     _groups: list[_Group] = PrivateAttr(default_factory=list)
+    _capture: dict[nn.Module, _Group] = PrivateAttr(default_factory=dict)
     _model: Any = PrivateAttr(default=None)
-    _prune_n: int = PrivateAttr(default=0)
-    _prune_m: int = PrivateAttr(default=0)
     _report: list[dict[str, Any]] = PrivateAttr(default_factory=list)
     _materialized: list[ExpandedLinear] = PrivateAttr(default_factory=list)
+    _notes: dict[str, list[str]] = PrivateAttr(default_factory=dict)  # rule notes per group, for the log
 
-    @field_validator("sparsity")
+    @field_validator("sparsity", mode="before")
     @classmethod
-    def _check_sparsity(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1), got {value} (0.5 prunes half of every expert)")
-        return value
+    def _check_sparsity(cls, value: object) -> float:
+        return check_sparsity(value)
 
-    @field_validator("mask_structure")
+    @field_validator("mask_structure", mode="before")
     @classmethod
-    def _check_mask(cls, value: str) -> str:
-        match = re.fullmatch(r"(\d+):(\d+)", value.strip())
-        if not match:
+    def _check_mask(cls, value: object) -> str:
+        return normalized_mask_structure(value)
+
+    @field_validator("sparsity_profile", mode="before")
+    @classmethod
+    def _no_profile(cls, value: object) -> None:
+        if value is not None:
             raise ValueError(
-                f"mask_structure must look like 'N:M' (e.g. '2:4', or '0:0' for none), got {value!r}"
+                "SparseExpansionModifier takes no sparsity_profile: every expert gets `sparsity`"
             )
-        n, m = int(match.group(1)), int(match.group(2))
-        if (n == 0) != (m == 0) or (m and n >= m):
-            raise ValueError(f"mask_structure needs 0 < N < M (or '0:0'), got {value!r}")
-        return value.strip()
-
-    @model_validator(mode="after")
-    def _split_mask(self) -> SparseExpansionModifier:
-        n, m = self.mask_structure.split(":")
-        self._prune_n, self._prune_m = int(n), int(m)
-        if self.small_cluster_rule not in SMALL_CLUSTER_RULES:  # pragma: no cover - Literal guards it
-            raise ValueError(f"small_cluster_rule must be one of {SMALL_CLUSTER_RULES}")
-        return self
+        return None
 
     # ----------------------------------------------------------------- lifecycle
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         """Resolve the targets into router groups; fail loudly when nothing matches."""
+        if self.hessian_shrinkage > 0 and self.prior_tokens > 0:
+            raise ValueError(
+                "give either prior_tokens (count-based) or hessian_shrinkage (fixed), not both "
+                f"(got prior_tokens={self.prior_tokens}, hessian_shrinkage={self.hessian_shrinkage})"
+            )
         model = state.model
         self._model = model
-        self._groups = self._resolve_groups(model)
-        if self.down_calibration == "expanded":
-            for group in self._groups:
-                if group.output and group.source is not None:
-                    parent = model.get_submodule(group.parent)
-                    if not re.search(r"mlp|feedforward|ffn", type(parent).__name__, re.IGNORECASE):
-                        raise ValueError(
-                            f"down_calibration='expanded' needs an MLP module whose forward takes the "
-                            f"gate/up input; {group.parent} is a {type(parent).__name__}. "
-                            "Use down_calibration='dense' for this architecture."
-                        )
+        chosen = self._resolve_targets(model)
+        self._target_layers = chosen
+        self._groups = self._resolve_groups(model, list(chosen))
+        self._capture = {}
+        for group in self._groups:
+            if group.output and group.source is not None:
+                continue  # recomputed from the expanded gate/up instead
+            self._capture[model.get_submodule(group.names[0])] = group
         logger.info(
             "SparseExpansion: %d linears in %d router groups, %d experts, sparsity %s%s",
             sum(len(g.names) for g in self._groups),
@@ -227,22 +250,36 @@ class SparseExpansionModifier(Modifier):
         return True
 
     def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
-        """Keep each group's inputs during every layer's calibration pass."""
-        for group in self._groups:
-            if group.output and group.source is not None:
-                continue  # recomputed from the expanded gate/up instead
-            module = self._model.get_submodule(group.names[0])
-            self.register_hook(module, self._capture(group), "forward")
+        """One llm-compressor hook per router group (on its first linear): the base would hook every
+        target, and skips GPT-2's Conv1D, which is not among its prunable layer types."""
+        for module in self._capture:
+            self.register_hook(module, self.calibrate_module, "forward")
 
-    def on_sequential_epoch_end(
-        self, state: State, event: Event, modules: list[nn.Module] | None = None, **kwargs: Any
+    def calibrate_module(
+        self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
     ) -> None:
+        """Forward hook (registered by the base on every target): stream this batch into its group."""
+        group = self._capture.get(module)
+        if group is not None:
+            self._observe(group, _as_batch(args[0]))
+
+    def compress_modules(self) -> None:
         """Expand every group calibrated in this epoch (the first epoch, embeddings, has none)."""
-        self._expand_calibrated()
+        self._release_materialized()  # the previous layer has been propagated by now
+        for group in self._groups:
+            if group.done:
+                continue
+            if group.source is not None and group.source.done and not group.calib.batches_seen:
+                self._recompute_from_expanded(group)
+            if group.calib.batches_seen:
+                self._expand_group(group)
+        for group in self._groups:  # free what no pending group needs any more
+            if group.done and all(g.done for g in self._groups if group in (g.source, g.shares)):
+                group.calib = _Calibration()
 
     def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
-        self._expand_calibrated()  # the basic (non-sequential) pipeline has no epoch ends
-        self.remove_hooks()
+        self.compress_modules()  # the basic (non-sequential) pipeline has no epoch ends
+        super().on_calibration_end(state, event, **kwargs)
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         self.remove_hooks()
@@ -253,9 +290,6 @@ class SparseExpansionModifier(Modifier):
                 f"SparseExpansion did not see calibration inputs for {len(left)} linears (first: {left[0]}); "
                 "are they used in the forward pass of the calibration data?"
             )
-        for module in self._model.modules():
-            if hasattr(module, "clear_cache") and type(module).__name__ == "ExpertRouter":
-                module.clear_cache()
         return True
 
     @property
@@ -265,16 +299,47 @@ class SparseExpansionModifier(Modifier):
 
     # ----------------------------------------------------------------- targets
 
-    def _resolve_groups(self, model: nn.Module) -> list[_Group]:
-        chosen = set(select_linears(model, self.targets) if self.targets else [])
+    def _resolve_targets(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Target linears by name: llm-compressor's matching of ``targets`` / ``ignore``, or the FFN linears."""
         if self.targets is None:
-            chosen = {n for b in ffn_blocks(model) for n in (*b.inputs, *((b.output,) if b.output else ()))}
-        chosen = {n for n in chosen if not _matches(n, self.ignore)}
+            names = [n for b in ffn_blocks(model) for n in (*b.inputs, *((b.output,) if b.output else ()))]
+            candidates = {name: model.get_submodule(name) for name in names}
+        else:
+            targets = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+            for target in targets:
+                if not any(match_targets(n, m, [target]) for n, m in model.named_modules()):
+                    leaves = sorted(
+                        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+                    )
+                    raise ValueError(
+                        f"SparseExpansion target {target!r} matched no module; targets are full module names, "
+                        f"'re:' regexes (e.g. 're:.*mlp\\.down_proj$') or class names such as 'Linear'. "
+                        f"Linear leaves here: {', '.join(leaves)}"
+                    )
+            candidates = {}
+            for layer_name, layer in match_named_modules(model, targets):
+                for name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
+                    full = f"{layer_name}.{name}" if name else layer_name
+                    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                        candidates[full] = module
+        # the base's spelling puts a trailing "." on a target that is itself a linear; accept both
+        chosen = {
+            name: module
+            for name, module in candidates.items()
+            if not (
+                match_targets(name, module, self.ignore) or match_targets(f"{name}.", module, self.ignore)
+            )
+        }
         if not chosen:
             raise ValueError(
                 f"SparseExpansion targets {self.targets or 'FFN linears'} minus ignore {self.ignore} "
-                "leave no linear to expand"
+                "leave no linear to expand (targets take module names, 're:' regexes or class names "
+                "such as 'Linear')"
             )
+        return chosen
+
+    def _resolve_groups(self, model: nn.Module, chosen_names: list[str]) -> list[_Group]:
+        chosen = set(chosen_names)
         try:
             blocks = ffn_blocks(model)
         except ValueError:
@@ -291,175 +356,243 @@ class SparseExpansionModifier(Modifier):
                 source = group if len(names) == len(block.inputs) else None
             placed.update(inputs)
             if block.output in chosen:
+                for option, wanted in (
+                    ("down_calibration='expanded'", self.down_calibration == "expanded"),
+                    ("share_router_with_down", self.share_router_with_down),
+                ):
+                    if wanted and source is None:
+                        raise ValueError(
+                            f"{option} needs all of {block.inputs} expanded with one router "
+                            "(share_gate_up_router: true and all of them in targets)"
+                        )
                 expanded_source = source if self.down_calibration == "expanded" else None
-                if self.down_calibration == "expanded" and source is None:
-                    raise ValueError(
-                        f"down_calibration='expanded' needs all of {block.inputs} expanded with one router "
-                        "(share_gate_up_router: true and all of them in targets)"
-                    )
-                if self.share_router_with_down and source is None:
-                    raise ValueError(
-                        f"share_router_with_down needs all of {block.inputs} expanded with one router "
-                        "(share_gate_up_router: true and all of them in targets)"
-                    )
+                if expanded_source is not None:
+                    expanded_source.keep_all = True
                 shares = source if self.share_router_with_down else None
                 groups.append(
                     _Group([block.output], block.parent, output=True, source=expanded_source, shares=shares)
                 )
                 placed.add(block.output)
-        for name in sorted(chosen - placed, key=list(dict(model.named_modules())).index):
+        order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        for name in sorted(chosen - placed, key=order.__getitem__):
             groups.append(_Group([name], name.rpartition(".")[0]))
         return groups
 
     # ----------------------------------------------------------------- calibration
 
-    def _capture(self, group: _Group):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
-            inputs = args[0].detach()
-            if inputs.dim() == 2:
-                inputs = inputs.unsqueeze(0)
-            group.batches.append(inputs.to(device="cpu", dtype=torch.float32))
+    def _fit_token_budget(self) -> int | None:
+        return None if self.down_calibration == "expanded" else self.router_fit_tokens
 
-        return hook
+    def _observe(self, group: _Group, batch: torch.Tensor) -> None:
+        """Take one captured batch ``[batch, seq, d]``: keep it for the router fit, or route and add it."""
+        calib = group.calib
+        calib.batches_seen += 1
+        if group.keep_all:
+            calib.kept.append(batch.to(device="cpu", dtype=torch.float32))
+        if group.shares is not None:  # routed by the gate/up routing of the same tokens
+            calib.sample.append(batch.to(device="cpu", dtype=torch.float32))
+            calib.sample_tokens += batch.shape[0] * batch.shape[1]
+            self._drain_shared(group)
+            return
+        if calib.fitted is None:
+            calib.sample.append(batch.to(device="cpu", dtype=torch.float32))
+            calib.sample_tokens += batch.shape[0] * batch.shape[1]
+            budget = self._fit_token_budget()
+            if budget is not None and calib.sample_tokens >= budget:
+                self._fit(group)
+            return
+        self._add(group, batch)
 
-    def _release_materialized(self) -> None:
-        for layer in self._materialized:
-            layer.materialize(False)
-        self._materialized = []
-
-    def _expand_calibrated(self) -> None:
-        self._release_materialized()  # the previous layer has been propagated by now
-        for group in self._groups:
-            if group.done:
-                continue
-            if group.source is not None and group.source.done and not group.batches:
-                self._recompute_from_expanded(group)
-            if group.batches:
-                self._expand_group(group)
-        for group in self._groups:  # free inputs once every dependent group is done
-            if group.done and all(g.done for g in self._groups if group in (g.source, g.shares)):
-                group.batches = []
-                group.fitted = None
-
-    @torch.no_grad()
-    def _recompute_from_expanded(self, group: _Group) -> None:
-        """Down-projection inputs from the expanded gate/up: run the MLP on its kept inputs."""
-        source = group.source
-        if source is None:
-            raise RuntimeError(f"{group.names[0]} has no expanded gate/up group to recompute its inputs from")
-        mlp = self._model.get_submodule(group.parent)
-        down = self._model.get_submodule(group.names[0])
-        captured: list[torch.Tensor] = []
-
-        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured.append(args[0].detach().to(device="cpu", dtype=torch.float32))
-
-        handle = down.register_forward_pre_hook(grab)
-        device = down.weight.device
-        dtype = down.weight.dtype
-        try:
-            with HooksMixin.disable_hooks():
-                for batch in source.batches:
-                    mlp(batch.to(device=device, dtype=dtype))
-        finally:
-            handle.remove()
-        group.batches = [c if c.dim() == 3 else c.unsqueeze(0) for c in captured]
-
-    @torch.no_grad()
-    def _expand_group(self, group: _Group) -> None:
-        start = time.perf_counter()
-        batches = group.batches
-        flat = torch.cat([b.reshape(-1, b.shape[-1]) for b in batches])
-        first = self._model.get_submodule(group.names[0])
-        device = first.weight.device
+    def _fit(self, group: _Group) -> None:
+        """Fit the group's router on its kept sample, then route the sample into the Hessians."""
+        calib = group.calib
+        flat = torch.cat([b.reshape(-1, b.shape[-1]) for b in calib.sample])
         components = pca_components_for(flat.shape[1], self.pca_reduction, self.pca_components)
         if self.num_experts > flat.shape[0]:
             raise ValueError(
                 f"num_experts={self.num_experts} exceeds the {flat.shape[0]} calibration tokens seen by "
                 f"{group.names[0]}: use more calibration samples or fewer experts"
             )
-        notes: list[str] = []
-        if group.shares is not None:  # route by the gate/up router: same tokens, same order
-            fitted = group.shares.fitted
-            if fitted is None or len(fitted.assignment) != flat.shape[0]:
-                raise RuntimeError(
-                    f"{group.names[0]}: the gate/up routing of this layer is missing or covers a different "
-                    "number of tokens; share_router_with_down needs both in the same calibration pass"
-                )
-        else:
-            fitted = fit_router(
-                flat,
-                self.num_experts,
-                components,
-                seed=self.seed,
-                kmeans_n_init=self.kmeans_n_init,
-                kmeans_max_iter=self.kmeans_max_iter,
-                max_fit_tokens=self.max_fit_tokens,
-            )
-        if self.small_cluster_rule == "merge" and self.min_cluster_tokens and group.shares is None:
+        fitted = fit_router(
+            flat,
+            self.num_experts,
+            components,
+            seed=self.seed,
+            kmeans_n_init=self.kmeans_n_init,
+            kmeans_max_iter=self.kmeans_max_iter,
+            max_fit_tokens=self.max_fit_tokens,
+            **self._fit_options(),
+        )
+        if self.small_cluster_rule == "merge" and self.min_cluster_tokens:
             while fitted.router.num_experts > 1:
                 counts = fitted.counts
                 smallest = int(counts.argmin())
                 if int(counts[smallest]) >= self.min_cluster_tokens:
                     break
-                notes.append(
+                group_notes = self._notes.setdefault(group.names[0], [])
+                group_notes.append(
                     f"merged cluster of {int(counts[smallest])} tokens < {self.min_cluster_tokens} into its neighbours"
                 )
                 fitted = drop_experts(fitted, flat, [smallest])
+        calib.fitted = fitted
+        device = module_weight(self._model.get_submodule(group.names[0])).device
+        calib.hessians = StreamingClusterHessians(fitted.router.num_experts, flat.shape[1], device=device)
+        sample, calib.sample, calib.sample_tokens = calib.sample, [], 0
+        for batch in sample:
+            self._add(group, batch)
+
+    def _fit_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.input_norm != "none":
+            options["input_norm"] = self.input_norm
+        if self.fit_outlier_quantile is not None:
+            options["fit_outlier_quantile"] = self.fit_outlier_quantile
+        return options
+
+    def _add(self, group: _Group, batch: torch.Tensor) -> None:
+        """Route ``batch`` with the group's router and add it to the per-cluster Hessians."""
+        calib = group.calib
+        assert calib.fitted is not None and calib.hessians is not None
+        router = calib.fitted.router
+        assignment = (
+            router.to(batch.device).scores(batch).argmax(dim=1)
+            if router.num_experts > 1
+            else (torch.zeros(batch.shape[0] * batch.shape[1], dtype=torch.long, device=batch.device))
+        )
+        calib.hessians.add(batch, assignment)
+        if any(g.shares is group for g in self._groups):
+            calib.assignments.append(assignment.cpu())
+
+    def _drain_shared(self, group: _Group) -> None:
+        """Add the kept batches of a down projection whose gate/up routing is known by now."""
+        source, calib = group.shares, group.calib
+        assert source is not None
+        if source.calib.fitted is None:
+            return
+        if calib.hessians is None:
+            calib.fitted = source.calib.fitted
+            dim = calib.sample[0].shape[-1] if calib.sample else 1
+            device = module_weight(self._model.get_submodule(group.names[0])).device
+            calib.hessians = StreamingClusterHessians(
+                source.calib.fitted.router.num_experts, dim, device=device
+            )
+        while calib.sample:
+            index = calib.batches_seen - len(calib.sample)
+            if index >= len(source.calib.assignments):
+                return  # the gate/up routing of this batch is not known yet
+            batch = calib.sample.pop(0)
+            calib.sample_tokens -= batch.shape[0] * batch.shape[1]
+            assignment = source.calib.assignments[index]
+            if assignment.shape[0] != batch.shape[0] * batch.shape[1]:
+                raise RuntimeError(
+                    f"{group.names[0]}: the gate/up routing covers {assignment.shape[0]} tokens of this batch "
+                    f"but the down projection saw {batch.shape[0] * batch.shape[1]}; share_router_with_down "
+                    "needs both in the same calibration pass"
+                )
+            calib.hessians.add(batch.to(calib.hessians.device), assignment.to(calib.hessians.device))
+
+    def _release_materialized(self) -> None:
+        for layer in self._materialized:
+            layer.materialize(False)
+        self._materialized = []
+
+    @torch.no_grad()
+    def _recompute_from_expanded(self, group: _Group) -> None:
+        """Down-projection inputs from the expanded gate/up: run the MLP on its kept inputs."""
+        source = group.source
+        assert source is not None
+        mlp = self._model.get_submodule(group.parent)
+        down = self._model.get_submodule(group.names[0])
+        weight = module_weight(down)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            captured.append(_as_batch(args[0]).to(device="cpu", dtype=torch.float32))
+
+        handle = down.register_forward_pre_hook(grab)
+        try:
+            with HooksMixin.disable_hooks():
+                for batch in source.calib.kept:
+                    mlp(batch.to(device=weight.device, dtype=weight.dtype))
+        finally:
+            handle.remove()
+        for batch in captured:
+            self._observe(group, batch)
+
+    @torch.no_grad()
+    def _expand_group(self, group: _Group) -> None:
+        start = time.perf_counter()
+        calib = group.calib
+        if group.shares is not None:
+            if group.shares.calib.fitted is None:
+                raise RuntimeError(
+                    f"{group.names[0]}: the gate/up router of this layer was never fitted; "
+                    "share_router_with_down needs both in the same calibration pass"
+                )
+            self._drain_shared(group)
+            if calib.sample:
+                raise RuntimeError(
+                    f"{group.names[0]}: {len(calib.sample)} batches have no gate/up routing; "
+                    "share_router_with_down needs both in the same calibration pass"
+                )
+        elif calib.fitted is None:
+            self._fit(group)
+        assert calib.fitted is not None and calib.hessians is not None
+        fitted = calib.fitted
         num_experts = fitted.router.num_experts
-        sizes = [b.reshape(-1, b.shape[-1]).shape[0] for b in batches]
-        assignments = list(torch.split(fitted.assignment, sizes))
-        stats = cluster_hessians(batches, assignments, num_experts, device=device)
+        stats = calib.hessians.result()
+        notes = self._notes.pop(group.names[0], [])
         hessians, rule_notes = regularized_hessians(
             stats,
             shrinkage=self.hessian_shrinkage,
             min_cluster_tokens=self.min_cluster_tokens,
             small_cluster_rule=self.small_cluster_rule,
             small_cluster_dampening=self.small_cluster_dampening,
+            **({"prior_tokens": self.prior_tokens} if self.prior_tokens else {}),
         )
         notes.extend(rule_notes)
+        counts = list(stats.tokens)
         del stats
-        router = fitted.router.to(device)
-        for name in group.names:
+        first = self._model.get_submodule(group.names[0])
+        device = module_weight(first).device
+        own_router = group.shares is None and len(group.names) == 1 and not self._routes_block_input(group)
+        layers: dict[str, ExpandedLinear] = {}
+        for name, leaf in zip(group.names, group.leaves, strict=True):
             module = self._model.get_submodule(name)
             weight = _weight_as_out_in(module)
             pruned, keep = self._solve(weight, hessians)
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-            expanded = ExpandedLinear.from_experts(
-                pruned.to(weight.dtype), router, bias, keep, reuse_routing=group.shares is not None
-            )
-            replace_module(self._model, name, expanded.to(device))
+            router = fitted.router.to(device) if own_router else None
+            layer = ExpandedLinear.from_experts(pruned.to(weight.dtype), router, bias, keep).to(device)
+            layers[leaf] = layer
             if self.materialize_while_calibrating:
-                expanded.materialize(experts=pruned)
-                self._materialized.append(expanded)
+                layer.materialize(experts=pruned)
+                self._materialized.append(layer)
             self._report.append(
                 {
                     "name": name,
                     "num_experts": num_experts,
-                    "cluster_tokens": torch.bincount(fitted.assignment, minlength=num_experts).tolist(),
+                    "cluster_tokens": counts,
                     "rules": notes,
                     "seconds": time.perf_counter() - start,
                 }
             )
-        if group.shares is None:
-            replace_module(self._model, group.router_name, router)
-        group.fitted = fitted
+        block_router = None if own_router or group.shares is not None else fitted.router.to(device)
+        install_expanded_block(self._model, group.parent, layers, block_router)
         for note in notes:
             logger.info("SparseExpansion %s: %s", group.names[0], note)
-        counts = torch.bincount(fitted.assignment, minlength=num_experts)
         logger.info(
-            "SparseExpansion: expanded %s into %d experts (cluster tokens min %d / median %d / max %d) in %.1fs",
+            "SparseExpansion: expanded %s into %d experts (cluster %s) in %.1fs",
             ", ".join(group.names),
             num_experts,
-            int(counts.min()),
-            int(counts.median()),
-            int(counts.max()),
+            _size_summary(counts),
             time.perf_counter() - start,
         )
         group.done = True
-        if not any(group in (g.source, g.shares) for g in self._groups):
-            group.batches = []
-            group.fitted = None
+
+    def _routes_block_input(self, group: _Group) -> bool:
+        """Whether the group's router routes its MLP block's input (gate/up), so it belongs to the block."""
+        return not group.output and any(g.shares is group for g in self._groups) or len(group.names) > 1
 
     def _solve(self, weight: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched SparseGPT of ``weight [out, in]`` under each of ``hessians [K, in, in]``, chunked over K."""
@@ -470,8 +603,8 @@ class SparseExpansionModifier(Modifier):
                 weight.to(chunk.device),
                 chunk,
                 sparsity=self.sparsity,
-                prune_n=self._prune_n,
-                prune_m=self._prune_m,
+                prune_n=self._prune_n or 0,
+                prune_m=self._prune_m or 0,
                 block_size=self.block_size,
                 dampening_frac=self.dampening_frac,
             )

@@ -124,7 +124,9 @@ class ExpertRouter(nn.Module):
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         if in_features < 1 or num_experts < 1:
-            raise ValueError(f"a router needs in_features >= 1 and num_experts >= 1, got {in_features}, {num_experts}")
+            raise ValueError(
+                f"a router needs in_features >= 1 and num_experts >= 1, got {in_features}, {num_experts}"
+            )
         self.in_features = in_features
         self.num_experts = num_experts
         self.input_norm = input_norm
@@ -152,7 +154,8 @@ class ExpertRouter(nn.Module):
 
     def scores(self, x: Tensor) -> Tensor:
         """Cluster scores ``[T, K]`` of ``x [..., d]`` (higher is nearer)."""
-        flat = normalized_tokens(x.reshape(-1, self.in_features).to(self.weight.dtype), self.input_norm)
+        flat = x.reshape(-1, self.in_features).to(device=self.weight.device, dtype=self.weight.dtype)
+        flat = normalized_tokens(flat, self.input_norm)
         return torch.addmm(self.bias, flat, self.weight.t())
 
     def forward(self, x: Tensor) -> Routing:
@@ -161,7 +164,7 @@ class ExpertRouter(nn.Module):
         if self.num_experts == 1 or tokens == 0:
             assignment = torch.zeros(tokens, dtype=torch.long, device=x.device)
         else:
-            assignment = self.scores(x).argmax(dim=1)
+            assignment = self.scores(x).argmax(dim=1).to(x.device)
         return Routing.from_assignment(assignment, self.num_experts, source=x)
 
     def extra_repr(self) -> str:

@@ -5,17 +5,30 @@
 arrives here; the real work is ``sparse_expansion_plugin.load_expanded``, so
 the package must be installed (``pip install sparse-expansion-plugin``).
 
-Why a plain class and not a ``PreTrainedModel``: the returned model is the base
-architecture (e.g. ``LlamaForCausalLM``) with expanded MLP linears. transformers
-registers a remote class for the config's class (``LlamaConfig``) process-wide;
-we undo that after loading so later plain Llama loads are not routed here.
+Why a config class of our own: config.json says ``model_type:
+sparse_expansion`` so that loading *without* remote code fails loudly instead
+of building the base model with random MLPs. transformers then needs this
+class to read the config; the base architecture's config is rebuilt by the
+loader. The model class is a loader shim: ``from_pretrained`` returns the base
+architecture (e.g. ``LlamaForCausalLM``) with expanded MLP linears. Nothing of
+transformers is modified: the auto classes map *our* config class to the shim.
 """
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
+
+class SparseExpansionConfig(PretrainedConfig):
+    """The saved config.json as transformers reads it; the loader rebuilds the base config from it."""
+
+    model_type = "sparse_expansion"
+
 
 class SparseExpansionForCausalLM:
     """Loader shim: ``from_pretrained`` returns the base architecture with expanded MLP linears."""
+
+    config_class = SparseExpansionConfig
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):  # noqa: ANN001, ANN206
@@ -23,14 +36,13 @@ class SparseExpansionForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):  # noqa: ANN001, ANN206
-        from transformers import AutoModelForCausalLM
+        try:
+            from sparse_expansion_plugin.sparse_expansion.model import load_expanded
+        except ImportError as error:  # pragma: no cover - depends on the user's environment
+            raise ImportError(
+                "this is a Sparse Expansion model: `pip install sparse-expansion-plugin` to load it"
+            ) from error
 
-        from sparse_expansion_plugin.sparse_expansion.model import load_expanded
-
-        extra = AutoModelForCausalLM._model_mapping._extra_content
-        for config_class, model_class in list(extra.items()):
-            if getattr(model_class, "__name__", "") == cls.__name__:
-                del extra[config_class]
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         device = kwargs.get("device_map")
         if isinstance(device, dict):  # a single device: expanded models are loaded whole
