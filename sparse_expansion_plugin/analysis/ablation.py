@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
-from sparse_expansion_plugin.modeling.targets import FFNBlock, ffn_blocks
+from sparse_expansion_plugin.modeling.targets import FFNBlock, ffn_blocks, weight_as_out_in
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,8 @@ def ablate_neurons(
         module = modules[name]
         index = torch.as_tensor(index, dtype=torch.long).flatten()
         width = getattr(module, "out_features", None)
-        if width is None and getattr(module, "weight", None) is not None:
-            width = module.weight.shape[-1] if type(module).__name__ == "Conv1D" else module.weight.shape[0]
+        if width is None and isinstance(getattr(module, "weight", None), torch.Tensor):
+            width = weight_as_out_in(module).shape[0]
         if index.numel() and width is not None and (index.min() < 0 or index.max() >= width):
             raise ValueError(f"neuron index out of range for {name!r} with {width} outputs")
         if index.numel():

@@ -9,6 +9,7 @@ output projection.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -45,8 +46,19 @@ class FFNBlock:
         return None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' GPT-2 style ``Conv1D`` (a linear whose weight is ``[in, out]``).
+
+    Looked up in ``sys.modules`` rather than imported: a ``Conv1D`` instance can
+    only exist once ``transformers.pytorch_utils`` is imported, and importing it
+    here would cost seconds for models that have none.
+    """
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def module_weight(module: nn.Module) -> Tensor:
@@ -57,6 +69,12 @@ def module_weight(module: nn.Module) -> Tensor:
             f"{type(module).__name__} has no weight tensor (its weight is {type(weight).__name__})"
         )
     return weight
+
+
+def weight_as_out_in(module: nn.Module) -> Tensor:
+    """The weight of a Linear or Conv1D as ``[out, in]`` (a transposed view for Conv1D, which stores ``[in, out]``)."""
+    weight = module_weight(module)
+    return weight.t() if is_conv1d(module) else weight
 
 
 def linear_names(model: nn.Module) -> list[str]:
