@@ -35,10 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "this input cannot work": one line on stderr and exit code 2, no traceback.
+USAGE_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; return its exit code (2 for a bad argument, after one line on stderr)."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    args = build_parser().parse_args()
+    try:
+        args = build_parser().parse_args()
+    except SystemExit as stop:  # argparse has printed the usage error (code 2) or the help (code 0)
+        return stop.code if isinstance(stop.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"sparse_expansion_plugin.commands.{args.command}")
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except USAGE_ERRORS as error:
         print(f"sparse-expansion {args.command}: error: {error}", file=sys.stderr)
         return 2
 

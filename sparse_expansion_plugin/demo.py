@@ -74,7 +74,7 @@ def run_demo(
     config = config or DemoConfig()
     config.model = resolve_model_path(config.model)
     rows: list[dict[str, Any]] = []
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs=[config.model]) as tmp:
         dense, tokenizer = load_model_and_tokenizer(config.model)
         logger.info("step 1/4: analyse the FFN input projections")
         analysis = AnalysisConfig(

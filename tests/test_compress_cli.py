@@ -79,8 +79,29 @@ def test_refuses_existing_output_without_overwrite(tiny_dir, tmp_path, capsys):
     assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (output / "keep.txt").read_text() == "precious"
-    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32", "--overwrite"]) == 0
-    assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
+    # Not ours (no marker): --overwrite does not replace it either.
+    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32", "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_replaces_an_output_we_wrote(tiny_dir, tmp_path):
+    output = tmp_path / "out"
+    argv = [
+        "compress",
+        str(tiny_dir),
+        "--recipe",
+        str(RECIPES / "sparsegpt_50.yaml"),
+        "--output",
+        str(output),
+    ]
+    argv += ["--num-calibration-samples", "2", "--seq-len", "32"]
+    assert main(argv) == 0
+    first = (output / "model.safetensors").read_bytes()
+    argv[3] = str(RECIPES / "sparsegpt_70.yaml")
+    assert main(argv) == 2  # exists: refused without --overwrite
+    assert main([*argv, "--overwrite"]) == 0
+    assert (output / "config.json").is_file() and (output / "model.safetensors").read_bytes() != first
 
 
 def test_bad_recipe_fails_before_loading_the_model(tmp_path, capsys):

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     for p in args.percents:
         check_percent(p)
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_dir(args.output_dir, args.overwrite, [args.model])
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     top = torch.sort(scores[name], descending=True, stable=True).indices[: args.histogram_neurons]
     pre, post = pre_post_activations(model, calib[: args.histogram_windows], name, top, args.batch_size)
 
-    with atomic_output_dir(args.output_dir, args.overwrite) as out:
+    with atomic_output_dir(args.output_dir, args.overwrite, inputs=[args.model]) as out:
         summary = {
             "model": args.model,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

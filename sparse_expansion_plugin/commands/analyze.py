@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.outputs import check_output_dir
 
-    check_output_dir(args.output, args.overwrite)  # fail before the model loads
+    check_output_dir(args.output, args.overwrite, [args.model])  # fail before the model loads
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     config = AnalysisConfig(
         layers=args.layers,

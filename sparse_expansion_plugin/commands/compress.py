@@ -55,6 +55,8 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
     ``save_pretrained`` of the class's own method (not llm-compressor's wrapper,
     which rewrites config.json from the original model).
     """
+    from sparse_expansion_plugin.outputs import write_marker
+
     target = staging / "model"
     expanded = False
     try:
@@ -71,6 +73,7 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
         type(model).save_pretrained(model, target)
         tokenizer.save_pretrained(target)
     recipe.yaml(file_path=str(target / "recipe.yaml"))
+    write_marker(target, command="compress")
     return target
 
 
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.modifiers.recipes import load_recipe
     from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
-    output = check_output_dir(args.output, args.overwrite)
+    output = check_output_dir(args.output, args.overwrite, [args.model])
     if args.num_calibration_samples < 1 or args.seq_len < 2:
         raise ValueError("--num-calibration-samples must be >= 1 and --seq-len >= 2")
     recipe = load_recipe(args.recipe)
@@ -95,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("oneshot took %.1f s", seconds)
 
     with staging_dir(output) as staging:
-        # Checked before calibration; an output that appeared since is replaced only with --overwrite.
+        # Checked before calibration; checked again now, as an output may have appeared since.
+        check_output_dir(output, args.overwrite, [args.model])
         publish_dir(_save(model, tokenizer, recipe, staging), output, replace=args.overwrite)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((m.weight == 0).sum()) for m in linears)

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.sparsity < 1.0:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    check_output_dir(args.output, args.overwrite)
+    check_output_dir(args.output, args.overwrite, [args.model])
     config = DemoConfig(
         model=args.model,
         sparsity=args.sparsity,

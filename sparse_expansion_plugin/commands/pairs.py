@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
-    check_output_dir(args.output_dir, args.overwrite)
+    check_output_dir(args.output_dir, args.overwrite, [args.model])
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(args.model)
     names = pair_modules(model, args.projection)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     negative = sum(s == "negative" for r in records for s in r.sides)
-    with atomic_output_dir(args.output_dir, args.overwrite) as out:
+    with atomic_output_dir(args.output_dir, args.overwrite, inputs=[args.model]) as out:
         summary = {
             "model": args.model,
             "layer": layer,

