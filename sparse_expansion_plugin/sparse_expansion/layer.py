@@ -108,18 +108,24 @@ class ExpandedLinear(nn.Module):
         layer.values.copy_(values)
         layer.mask.copy_(mask)
         layer.nnz.copy_(nnz)
+        layer.refresh_offsets()
         if bias is not None and layer.bias is not None:  # built with a bias exactly when one is given
             layer.bias.data.copy_(bias.detach())
         return layer
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        self._offsets = None  # new nnz: recompute where each expert starts
         super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_offsets()  # new nnz: where each expert's values start
+
+    def refresh_offsets(self) -> None:
+        """Recompute where each expert's values start (host ints, so a forward never syncs for them)."""
+        counts = [int(c) for c in self.nnz.tolist()] if self.nnz.device.type != "meta" else []
+        self._offsets = [sum(counts[:i]) for i in range(len(counts))]
 
     def _expert_offset(self, k: int) -> int:
         if self._offsets is None:
-            counts = [int(c) for c in self.nnz.tolist()]
-            self._offsets = [sum(counts[:i]) for i in range(len(counts))]
+            self.refresh_offsets()
+        assert self._offsets is not None
         return self._offsets[k]
 
     def expert_weight(self, k: int) -> Tensor:

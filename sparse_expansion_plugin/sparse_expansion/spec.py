@@ -178,7 +178,13 @@ def spec_from_v1(block: dict[str, Any], where: str) -> tuple[ExpansionSpec, dict
         prefix = f"{parent}." if parent else ""
         router = block["routers"][router_name]
         router_spec = {"in_features": int(router["in_features"]), "num_experts": int(router["num_experts"])}
-        shared = len(names) > 1 or any(block["linears"][n].get("reuse_routing") for n in names)
+        reusing = [n for n in names if block["linears"][n].get("reuse_routing")]
+        if reusing and len(reusing) == len(names):
+            raise ValueError(
+                f"{where}: {', '.join(reusing)} reuse the routing of router {router_name}, which no linear "
+                "of the block computes (reuse_routing flag inconsistent with the routers)"
+            )
+        shared = len(names) > 1 or bool(reusing)
         entry = blocks.setdefault(parent, {"linears": {}})
         for name in names:
             linear = block["linears"][name]
