@@ -320,3 +320,62 @@ def test_single_expert_below_min_cluster_tokens_keeps_its_own_hessian():
     assert len(notes) == 1 and "global Hessian" in notes[0]
     # llm-compressor's convention: 2 / (batch rows) * X^T X
     torch.testing.assert_close(out[0].double(), 2.0 / 6 * x.t() @ x, rtol=1e-5, atol=1e-6)
+
+
+def _fed_modifier(batches, **options):
+    """A modifier initialised on a tiny Llama and fed ``batches`` of layer 0's MLP input by hand."""
+    from types import SimpleNamespace
+
+    model = make_tiny_llama(layers=1)
+    modifier = SparseExpansionModifier(
+        num_experts=3,
+        targets=[r"re:model\.layers\.0\.mlp\.(gate|up)_proj$"],
+        materialize_while_calibrating=False,
+        **options,
+    )
+    modifier.on_initialize(SimpleNamespace(model=model))
+    gate = model.model.layers[0].mlp.gate_proj
+    weights = {
+        leaf: getattr(model.model.layers[0].mlp, leaf).weight.detach().clone()
+        for leaf in ("gate_proj", "up_proj")
+    }
+    kept = []
+    for batch in batches:
+        modifier.calibrate_module(gate, (batch,), None)
+        kept.append(sum(b.numel() for b in modifier._groups[0].calib.sample))
+    modifier.compress_modules()
+    return model, modifier, weights, kept
+
+
+def test_streaming_router_fit_then_route_equals_a_direct_computation():
+    """Router fitted on the first `router_fit_tokens` tokens, every token routed into K Hessians as it
+    streams past: against fitting on those tokens by hand and summing X_k^T X_k over all tokens."""
+    from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+    from sparse_expansion_plugin.sparse_expansion.clustering import fit_router, pca_components_for
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 16, 32, generator=gen) + 3 * torch.randn(32, generator=gen) for _ in range(6)]
+    model, modifier, weights, kept = _fed_modifier(batches, router_fit_tokens=64)
+    assert kept[:2] == [2 * 16 * 32, 0] and set(kept[2:]) == {0}  # sample dropped once the router is fitted
+    sample = torch.cat([b.reshape(-1, 32) for b in batches[:2]])
+    fitted = fit_router(sample, 3, pca_components_for(32, 32, None), seed=0)
+    tokens = torch.cat([b.reshape(-1, 32) for b in batches]).double()
+    assignment = fitted.router.scores(tokens.float()).argmax(1)
+    mlp = model.model.layers[0].mlp
+    torch.testing.assert_close(mlp.se_router.weight, fitted.router.weight)
+    for leaf, weight in weights.items():
+        layer = getattr(mlp, leaf)
+        for k in range(3):
+            xk = tokens[assignment == k]
+            reference, keep = sparsegpt_prune(weight, (xk.t() @ xk).float(), sparsity=0.5)
+            assert torch.equal(layer.expert_keep_mask(k), keep), (leaf, k)
+            torch.testing.assert_close(layer.expert_weight(k), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_with_a_sample_holding_every_token_equals_keeping_everything():
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(1, 24, 32, generator=gen) for _ in range(5)]
+    keep_all, *_ = _fed_modifier(batches)  # router_fit_tokens=None: every input kept until the epoch ends
+    big_sample, *_ = _fed_modifier(batches, router_fit_tokens=10**6)
+    for a, b in zip(expanded_linears(keep_all).values(), expanded_linears(big_sample).values(), strict=True):
+        assert torch.equal(a.values, b.values) and torch.equal(a.mask, b.mask)

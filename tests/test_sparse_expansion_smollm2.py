@@ -15,6 +15,7 @@ from sparse_expansion_plugin.data.text import token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 from sparse_expansion_plugin.sparse_expansion import is_expanded, load_expanded, save_expanded
 from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
+from sparse_expansion_plugin.sparse_expansion.model import shard_count
 from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
 pytestmark = pytest.mark.slow
@@ -59,8 +60,11 @@ def test_smollm2_two_layers_expand_evaluate_save_load(two_layer_dir, tmp_path):
     cost = expansion_cost(expanded)
     assert cost.num_experts_mean == 4
     assert 4 * 0.5 * cost.dense_bytes < cost.expanded_bytes < 4 * 0.6 * cost.dense_bytes
-    out = save_expanded(expanded, tokenizer, tmp_path / "se4")
+    # a sharded save (as save_pretrained's max_shard_size) reloads bit for bit, by both routes
+    out = save_expanded(expanded, tokenizer, tmp_path / "se4", max_shard_size="20MB")
+    assert shard_count(out) > 1
     with torch.no_grad():
-        torch.testing.assert_close(
-            load_expanded(out)(windows[:2]).logits, expanded(windows[:2]).logits, rtol=0, atol=0
-        )
+        reference = expanded(windows[:2]).logits
+        assert torch.equal(load_expanded(out)(windows[:2]).logits, reference)
+        remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert torch.equal(remote(windows[:2]).logits, reference)

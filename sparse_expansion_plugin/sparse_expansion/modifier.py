@@ -35,7 +35,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from pydantic import Field, PrivateAttr, field_validator
 
-from sparse_expansion_plugin.modeling.targets import ffn_blocks, module_weight
+from sparse_expansion_plugin.modeling.targets import ffn_blocks, is_conv1d, module_weight, weight_as_out_in
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 from sparse_expansion_plugin.sparse_expansion.block import install_expanded_block
@@ -54,12 +54,6 @@ from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
 logger = logging.getLogger(__name__)
 
 __all__ = ["SparseExpansionModifier"]
-
-
-def _weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``)."""
-    weight = module_weight(module).detach()
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
 
 
 def _as_batch(inputs: torch.Tensor) -> torch.Tensor:
@@ -320,7 +314,7 @@ class SparseExpansionModifier(SparsityModifierBase):
             for layer_name, layer in match_named_modules(model, targets):
                 for name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
                     full = f"{layer_name}.{name}" if name else layer_name
-                    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                    if isinstance(module, nn.Linear) or is_conv1d(module):
                         candidates[full] = module
         # the base's spelling puts a trailing "." on a target that is itself a linear; accept both
         chosen = {
@@ -559,7 +553,7 @@ class SparseExpansionModifier(SparsityModifierBase):
         layers: dict[str, ExpandedLinear] = {}
         for name, leaf in zip(group.names, group.leaves, strict=True):
             module = self._model.get_submodule(name)
-            weight = _weight_as_out_in(module)
+            weight = weight_as_out_in(module).detach()
             pruned, keep = self._solve(weight, hessians)
             bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
             router = fitted.router.to(device) if own_router else None
