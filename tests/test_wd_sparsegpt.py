@@ -245,10 +245,14 @@ def test_centered_ranks_match_scipy_rankdata():
 
 
 def test_owl_layer_rule_matches_llm_compressor(monkeypatch):
-    """Our OWL layer sparsities equal llm-compressor's own (broken end to end, but its formula runs alone)."""
+    """The OWL layer ratios and sparsities the pre-pass computes equal llm-compressor's own.
+
+    llm-compressor's ``sparsity_profile: owl`` is broken end to end, but its formula runs alone.
+    ``owl_layer_outlier_ratio`` is what ``_layer_sparsities_from_prepass`` calls, fed module by module.
+    """
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    from sparse_expansion_plugin.wd_sparsegpt.allocation import owl_layer_sparsities, owl_outlier_ratio
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import owl_layer_outlier_ratio, owl_layer_sparsities
 
     torch.manual_seed(0)
     layers = {
@@ -263,16 +267,32 @@ def test_owl_layer_rule_matches_llm_compressor(monkeypatch):
     monkeypatch.setattr(stock, "_get_activations", lambda model, dataloader: norms)
     expected = stock._infer_owl_layer_sparsity(None, layers, None)
     ratios = {
-        name: owl_outlier_ratio(
-            torch.cat([layer[j].weight.flatten() for j in range(2)]).view(1, -1),
-            torch.cat([(norms[f"{name}.{j}"] ** 2).repeat(layer[j].out_features) for j in range(2)]),
-            5.0,
-        )
+        name: owl_layer_outlier_ratio([(layer[j].weight, norms[f"{name}.{j}"] ** 2) for j in range(2)], 5.0)
         for name, layer in layers.items()
     }
+    assert len(set(ratios.values())) == len(layers)  # the layers differ, so the rule has work to do
     ours = owl_layer_sparsities(ratios, 0.7, 0.08)
     for name in layers:
         assert ours[name] == pytest.approx(float(expected[name]), abs=1e-9)
+
+
+def test_owl_row_and_column_shares_count_against_the_whole_module_mean():
+    """Per-row / per-column OWL scores (the ``score: owl`` control) against a slow loop over weights."""
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import owl_outlier_scores, owl_outlier_share
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(6, 9, generator=generator) ** 3
+    sq_sum = torch.rand(9, generator=generator) * 10
+    mean = sum(abs(float(weight[i, j])) * float(sq_sum[j]) ** 0.5 for i in range(6) for j in range(9)) / 54
+    above = [
+        [abs(float(weight[i, j])) * float(sq_sum[j]) ** 0.5 > 2.0 * mean for j in range(9)] for i in range(6)
+    ]
+    scores = owl_outlier_scores(weight, sq_sum)
+    rows = owl_outlier_share(scores, 2.0, dim=1)
+    columns = owl_outlier_share(scores, 2.0, dim=0)
+    torch.testing.assert_close(rows, torch.tensor([sum(r) / 9 for r in above]))
+    torch.testing.assert_close(columns, torch.tensor([sum(r[j] for r in above) / 6 for j in range(9)]))
+    assert 0 < float(owl_outlier_share(scores, 2.0)) < 1
 
 
 def test_exact_zero_budgets_hit_the_total_and_stay_close():

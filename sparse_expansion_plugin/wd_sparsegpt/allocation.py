@@ -10,7 +10,7 @@ not how extreme its values are.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -114,16 +114,33 @@ def stock_zero_count(rows: int, columns: int, sparsity: float, block_size: int) 
     return total
 
 
-def owl_outlier_ratio(weight: Tensor, input_sq_sum: Tensor, threshold: float) -> float:
-    """OWL's outlier ratio of one weight: share of ``|W_ij| * ||X_j||`` above ``threshold`` x its mean.
+def owl_outlier_scores(weight: Tensor, input_sq_sum: Tensor) -> Tensor:
+    """OWL's score of every weight, ``|W_ij| * ||X_j||``: ``[out, in]`` float32 on the CPU.
 
-    weight: ``[out, in]``; input_sq_sum: ``[in]`` sum over tokens of ``x_j^2``.
+    weight: ``[out, in]``; input_sq_sum: ``[in]``, the sum over tokens of
+    ``x_j^2`` (or anything proportional to it, such as the Hessian diagonal:
+    outliers are counted against the mean, so a common factor cancels).
     """
-    score = weight.abs().float() * input_sq_sum.float().sqrt()[None, :]
-    return float((score > threshold * score.mean()).float().mean())
+    return weight.detach().abs().float().cpu() * input_sq_sum.detach().float().cpu().sqrt()[None, :]
 
 
-def owl_row_outliers(weight: Tensor, input_sq_sum: Tensor, threshold: float) -> Tensor:
-    """OWL outliers counted per row: ``[out]`` share of the row's ``|W_ij| * ||X_j||`` above threshold x mean."""
-    score = weight.abs().float() * input_sq_sum.float().sqrt()[None, :]
-    return (score > threshold * score.mean()).float().mean(dim=1)
+def owl_outlier_share(scores: Tensor, threshold: float, dim: int | None = None) -> Tensor:
+    """OWL's outlier count: the share of ``scores`` above ``threshold`` x their mean (over *all* scores).
+
+    ``dim=None``: one share for the whole tensor (a scalar tensor); ``dim=1``:
+    per row of ``[out, in]`` scores (``[out]``); ``dim=0``: per column (``[in]``).
+    """
+    outliers = (scores > threshold * scores.mean()).float()
+    return outliers.mean() if dim is None else outliers.mean(dim=dim)
+
+
+def owl_layer_outlier_ratio(members: Iterable[tuple[Tensor, Tensor]], threshold: float) -> float:
+    """OWL's outlier ratio of one decoder layer, from ``(weight [out, in], input_sq_sum [in])`` per module.
+
+    All weights of the layer's modules are counted against one mean, as OWL
+    (Yin et al. 2023) and llm-compressor's ``sparsity_profile: owl`` do.
+    """
+    scores = [owl_outlier_scores(weight, sq).flatten() for weight, sq in members]
+    if not scores:
+        raise ValueError("a layer needs at least one module to count OWL outliers")
+    return float(owl_outlier_share(torch.cat(scores), threshold))

@@ -248,12 +248,10 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             return torch.rand(size, generator=generator)
         if self.score == "owl":
             # ||x_j||^2 is proportional to the Hessian diagonal (H = 2/N sum x x^T).
-            sq = hessian.diagonal().float().cpu()
-            weight = module_weight(module).detach().float().cpu()
-            if self._structured:
-                outliers = weight.abs() * sq.sqrt()[None, :]
-                return (outliers > self.owl_threshold * outliers.mean()).float().mean(dim=0)
-            return allocation.owl_row_outliers(weight, sq, self.owl_threshold)
+            outliers = allocation.owl_outlier_scores(module_weight(module), hessian.diagonal())
+            return allocation.owl_outlier_share(
+                outliers, self.owl_threshold, dim=0 if self._structured else 1
+            )
         stats = self._row_stats.pop(module, None)
         if stats is None:
             raise RuntimeError(f"no calibration statistics were collected for {self._module_names[module]}")
@@ -379,15 +377,15 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
                 )
 
         per_layer: dict[str, list[torch.Tensor]] = {}
+        owl_members: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         generator = torch.Generator().manual_seed(self.seed)
         for name, module in modules:
             layer = self._layer_of(name)
+            if self.score == "owl":
+                owl_members.setdefault(layer, []).append((module_weight(module), sq_sums[name]))
+                continue
             if self.score == "random":
                 value = torch.rand(1, generator=generator)
-            elif self.score == "owl":
-                value = (
-                    module_weight(module).detach().abs().float().cpu() * sq_sums[name].cpu().sqrt()[None, :]
-                )
             elif self.score == "wd":
                 value = stats[name].wd().float().cpu()  # type: ignore[attr-defined]
             elif self.score == "kurtosis":
@@ -395,13 +393,13 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             else:
                 value = stats[name].variance().float().cpu()  # type: ignore[attr-defined]
             per_layer.setdefault(layer, []).append(value.flatten())
-        scores = {}
-        for layer, values in per_layer.items():
-            joined = torch.cat(values)
-            if self.score == "owl":
-                scores[layer] = float((joined > self.owl_threshold * joined.mean()).float().mean())
-            else:
-                scores[layer] = float(joined.mean())
+        if self.score == "owl":
+            scores = {
+                layer: allocation.owl_layer_outlier_ratio(members, self.owl_threshold)
+                for layer, members in owl_members.items()
+            }
+        else:
+            scores = {layer: float(torch.cat(values).mean()) for layer, values in per_layer.items()}
         sparsities = allocation.owl_layer_sparsities(scores, self.sparsity, self.max_layer_shift)
         for layer in scores:
             logger.info(
