@@ -64,7 +64,6 @@ def randomize_routing(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for router in model.modules():
         if isinstance(router, ExpertRouter):
-            router.clear_cache()
 
             def scores(x: torch.Tensor, r: ExpertRouter = router) -> torch.Tensor:
                 return torch.rand(x.numel() // r.in_features, r.num_experts, generator=gen)

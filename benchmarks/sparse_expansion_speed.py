@@ -44,6 +44,7 @@ def mlp_block_ratios(model_name: str, experts: int, tokens: int, repeats: int) -
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     from sparse_expansion_plugin.data.models import resolve_model_path
+    from sparse_expansion_plugin.sparse_expansion.block import install_expanded_block
     from sparse_expansion_plugin.sparse_expansion.clustering import fit_router
     from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, materialize_experts
 
@@ -56,20 +57,21 @@ def mlp_block_ratios(model_name: str, experts: int, tokens: int, repeats: int) -
     router_down = fit_router(
         torch.randn(4096, config.intermediate_size), experts, config.intermediate_size // 32
     ).router
-    for name, router in (("gate_proj", router_in), ("up_proj", router_in), ("down_proj", router_down)):
+    layers = {}
+    for name, own_router in (("gate_proj", None), ("up_proj", None), ("down_proj", router_down)):
         weight = getattr(dense, name).weight
         keep = torch.rand(experts, *weight.shape) > 0.5
-        setattr(
-            mlp, name, ExpandedLinear.from_experts(weight.expand(experts, -1, -1) * keep, router, keep=keep)
+        layers[name] = ExpandedLinear.from_experts(
+            weight.expand(experts, -1, -1) * keep, own_router, keep=keep
         )
-    mlp.se_router_in, mlp.se_router_down = router_in, router_down
+    install_expanded_block(mlp, "", layers, router_in)  # gate/up routed by the block, down by its own
 
     def seconds(module: torch.nn.Module) -> float:
         module(x)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            module(x.clone())  # a new tensor each call, as in a model (no stale routing cache)
+            module(x.clone())  # a new tensor each call, as in a model
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

@@ -23,10 +23,14 @@ import torch.nn as nn
 
 from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
 from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
-from sparse_expansion_plugin.sparse_expansion.spec import BlockSpec, ExpansionSpec, LinearSpec, RouterSpec
+from sparse_expansion_plugin.sparse_expansion.spec import (
+    BLOCK_ROUTER,
+    BlockSpec,
+    ExpansionSpec,
+    LinearSpec,
+    RouterSpec,
+)
 
-BLOCK_ROUTER = "se_router"
-"""Attribute (and state-dict prefix) of a block's router: ``<mlp>.se_router.weight``."""
 _ROUTED = "_se_block_routed"  # names (relative to the block) of the linears routed by the block router
 
 

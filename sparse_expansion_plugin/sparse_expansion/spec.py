@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sparse_expansion_plugin.sparse_expansion.router import INPUT_NORMS, ExpertRouter
 
 FORMAT_VERSION = 2
+BLOCK_ROUTER = "se_router"
+"""Attribute (and state-dict prefix) of a block's router: ``<mlp>.se_router.weight``."""
 
 
 class _Strict(BaseModel):
@@ -112,8 +114,11 @@ class ExpansionSpec(_Strict):
         for block_name, block in self.blocks.items():
             prefix = f"{block_name}." if block_name else ""
             if block.router is not None:
-                shapes[f"{prefix}se_router.weight"] = (block.router.num_experts, block.router.in_features)
-                shapes[f"{prefix}se_router.bias"] = (block.router.num_experts,)
+                shapes[f"{prefix}{BLOCK_ROUTER}.weight"] = (
+                    block.router.num_experts,
+                    block.router.in_features,
+                )
+                shapes[f"{prefix}{BLOCK_ROUTER}.bias"] = (block.router.num_experts,)
             for leaf, linear in block.linears.items():
                 name = f"{prefix}{leaf}"
                 shapes[f"{name}.values"] = (linear.nnz_total,)
@@ -205,6 +210,6 @@ def spec_from_v1(block: dict[str, Any], where: str) -> tuple[ExpansionSpec, dict
                 raise ValueError(f"{where}: block {parent} has two shared routers; format 1 allowed one")
             entry["router"] = router_spec
             for suffix in ("weight", "bias"):
-                renames[f"{router_name}.{suffix}"] = f"{prefix}se_router.{suffix}"
+                renames[f"{router_name}.{suffix}"] = f"{prefix}{BLOCK_ROUTER}.{suffix}"
     spec = parse_spec({"format_version": FORMAT_VERSION, "blocks": blocks}, where)
     return spec, renames
