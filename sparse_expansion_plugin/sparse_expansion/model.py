@@ -40,6 +40,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sparse_expansion_plugin.data.locations import resolve_model_location
 from sparse_expansion_plugin.outputs import atomic_output_dir
 from sparse_expansion_plugin.sparse_expansion.block import expansion_spec, install_spec
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears, is_expanded
@@ -130,14 +131,15 @@ def is_expanded_dir(path: str | os.PathLike[str]) -> bool:
 
 
 def _resolve_dir(path: str | os.PathLike[str]) -> Path:
-    local = Path(path)
-    if local.is_dir():
-        return local
-    if os.path.sep in str(path) or str(path).startswith("."):
-        raise FileNotFoundError(f"expanded model directory {path} does not exist")
-    from huggingface_hub import snapshot_download  # a hub name: same code path once downloaded
+    """A local directory, or a hub name downloaded first (then the same code path)."""
+    location = resolve_model_location(path)
+    if isinstance(location, Path):
+        if not location.is_dir():
+            raise FileNotFoundError(f"expanded model {location} is not a directory")
+        return location
+    from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path)))
+    return Path(snapshot_download(location))
 
 
 def _load_tensors(root: Path) -> dict[str, torch.Tensor]:
