@@ -180,6 +180,26 @@ def test_yaml_recipe_runs_and_saved_recipe_holds_new_fields(tiny_dir, calibratio
     assert abs(zeros / sum(w.numel() for w in weights.values()) - 0.6) < 0.01
 
 
+@pytest.mark.parametrize(
+    ("targets", "ignore", "message"),
+    [
+        ([r"re:.*mlp\.upp_proj"], IGNORE, r"targets \['re:.*upp_proj'\] matched no module.*up_proj"),
+        (["Embedding"], [], r"matched 1 module\(s\) but leave no Linear to prune after ignore \[\]"),
+        (["Linear"], ["re:.*proj", "re:.*lm_head"], r"leave no Linear to prune after ignore \['re:\.\*proj'"),
+    ],
+)
+def test_targets_that_prune_nothing_fail_loudly(tiny_dir, calibration, tmp_path, targets, ignore, message):
+    """Upstream exits 0 and saves the model unpruned; ours stops before calibration and writes nothing."""
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
+
+    out = tmp_path / "out"
+    modifier = WassersteinSparseGPTModifier(sparsity=0.5, targets=targets, ignore=ignore)
+    with pytest.raises(ValueError, match=message) as error:
+        _oneshot(tiny_dir, calibration, [modifier], output_dir=str(out))
+    assert "ignore: ['re:.*lm_head']" in str(error.value)  # the hint names the usual recipe
+    assert not out.exists()
+
+
 def test_registered_by_name_after_import():
     from llmcompressor.modifiers.factory import ModifierFactory
 
@@ -200,7 +220,9 @@ RECIPE = "s_stage:\n  s_modifiers:\n    {name}:\n{fields}"
         ("WassersteinSparseGPTModifier", "      sparsity: 1.0", r"\[0, 1\)"),
         ("WassersteinSparseGPTModifier", "      sparsity: -0.2", r"\[0, 1\)"),
         ("SparseGPTModifier", "      sparsity: 1.5", r"\[0, 1\)"),
+        ("WassersteinSparseGPTModifier", "      sparsity: [0.5, 0.6]", "allocation: layers"),
         ("WassersteinSparseGPTModifier", "      mask_structure: '2-4'", "N:M"),
+        ("WassersteinSparseGPTModifier", "      mask_structure: '0:4'", "0 < N < M"),
         ("WassersteinSparseGPTModifier", "      mask_structure: '4:2'", "0 < N < M"),
         ("WassersteinSparseGPTModifier", "      allocation: columns", "'rows', 'layers' or 'both'"),
         ("WassersteinSparseGPTModifier", "      score: entropy", "'wd'"),
@@ -213,6 +235,18 @@ RECIPE = "s_stage:\n  s_modifiers:\n    {name}:\n{fields}"
 def test_invalid_recipes_name_the_problem(name, fields, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(RECIPE.format(name=name, fields=fields))
+
+
+def test_sparsity_and_mask_structure_use_the_shared_validator():
+    from sparse_expansion_plugin.pruning.structure import normalized_mask_structure
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
+
+    for spelled in (" 2 : 4", "2:4", "0:0"):
+        modifier = WassersteinSparseGPTModifier(sparsity=0.5, mask_structure=spelled)
+        assert modifier.mask_structure == normalized_mask_structure(spelled) == spelled.replace(" ", "")
+    for bad in (True, "0.5", None):  # the shared validator's refusals reach the modifier's own construction
+        with pytest.raises(ValueError, match="sparsity must be one number in"):
+            WassersteinSparseGPTModifier(sparsity=bad)
 
 
 @pytest.mark.parametrize(

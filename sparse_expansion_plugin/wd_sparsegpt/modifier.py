@@ -44,7 +44,6 @@ pipeline feeds each layer (upstream already pruned), as the Hessian does.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Literal
 
 import torch
@@ -62,6 +61,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_batches
 from sparse_expansion_plugin.modeling.targets import module_weight
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 from sparse_expansion_plugin.wd_sparsegpt import allocation
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ __all__ = ["WassersteinSparseGPTModifier"]
 
 SCORES = ("wd", "kurtosis", "variance", "owl", "random")
 ALLOCATIONS = ("rows", "layers", "both")
-_MASK_STRUCTURE = re.compile(r"^(\d+):(\d+)$")
 
 
 class WassersteinSparseGPTModifier(SparseGPTModifier):
@@ -129,28 +128,17 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
     @field_validator("sparsity", mode="before")
     @classmethod
     def _check_sparsity(cls, value: object) -> float:
-        if isinstance(value, (list, tuple, dict)) or value is None:
+        if isinstance(value, (list, tuple, dict)):
             raise ValueError(
                 "WassersteinSparseGPTModifier takes one float sparsity in [0, 1); per-layer "
                 "sparsities come from `allocation: layers`"
             )
-        value = float(value)  # type: ignore[arg-type]
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"sparsity must lie in [0, 1), got {value}")
-        return value
+        return check_sparsity(value)
 
     @field_validator("mask_structure", mode="before")
     @classmethod
     def _check_mask_structure(cls, value: object) -> str:
-        match = _MASK_STRUCTURE.match(str(value).strip())
-        if match is None:
-            raise ValueError(
-                f"mask_structure must look like 'N:M' (e.g. '2:4', or '0:0' for none), got {value!r}"
-            )
-        n, m = int(match.group(1)), int(match.group(2))
-        if (n, m) != (0, 0) and not 0 < n < m:
-            raise ValueError(f"mask_structure 'N:M' needs 0 < N < M (N zeros in every M), got {value!r}")
-        return f"{n}:{m}"
+        return normalized_mask_structure(value)
 
     @field_validator("sparsity_profile", mode="before")
     @classmethod
@@ -179,6 +167,7 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         result = super().on_initialize(state, **kwargs)
+        self._check_targets_match(state.model)
         self._model = state.model
         self._decoder_layer_names = [n for n, _ in match_named_modules(state.model, self._sequential_targets)]
         if self._active and not self._structured and self.allocation in ("layers", "both"):
@@ -219,6 +208,26 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
         self._zero_budgets = {}
         self._model = None
         return result
+
+    def _check_targets_match(self, model: torch.nn.Module) -> None:
+        """Refuse targets/ignore that leave nothing to prune (upstream would save the model unpruned, exit 0)."""
+        if self._prunable_modules():
+            return
+        linears = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        found = (
+            f"matched {len(self._target_layers)} module(s) but leave no Linear to prune after ignore {self.ignore}"
+            if self._target_layers
+            else "matched no module"
+        )
+        raise ValueError(
+            f"WassersteinSparseGPTModifier targets {self.targets} {found}: nothing would be pruned. "
+            "targets take class names ('Linear'), full module names or 're:' regexes "
+            f"(e.g. 're:.*mlp\\.down_proj$'); Linear leaves here: {', '.join(linears) or 'none'}. "
+            "The usual recipe is `targets: ['Linear']` with `ignore: ['re:.*lm_head']`; with targets "
+            "['Linear'] module names carry a trailing '.', so only unanchored ignore regexes match."
+        )
 
     # ------------------------------------------------------------------ statistics
     def _update_stats(self, module: torch.nn.Module, values: torch.Tensor) -> None:
