@@ -69,10 +69,26 @@ def _wd(tiny_dir, calibration, **kwargs):
     )
 
 
+NEUTRAL_STRENGTH = 1e-9  # exp(1e-9 * rank) rounds to 1.0 in float32: our code path with no effect
+
+
 @pytest.mark.parametrize("structure", [{"sparsity": 0.5}, {"sparsity": 0.5, "mask_structure": "2:4"}])
-def test_strength_zero_reproduces_stock(tiny_dir, calibration, structure):
+def test_our_code_path_at_neutral_strength_reproduces_stock(tiny_dir, calibration, structure, caplog):
+    """Our statistics, scores and solver (not ``super()``) give stock SparseGPT's weights when weights are 1.
+
+    ``wd_strength: 0`` hands over to the stock code, so comparing it with stock would compare stock
+    with itself; a strength too small to change a float32 factor runs every line of ours instead.
+    """
+    import logging
+
+    from sparse_expansion_plugin.wd_sparsegpt.allocation import row_saliency_weights
+
+    assert torch.equal(row_saliency_weights(torch.randn(100), NEUTRAL_STRENGTH), torch.ones(100))
     stock = _stock(tiny_dir, calibration, **structure)
-    ours = _wd(tiny_dir, calibration, wd_strength=0.0, **structure)
+    with caplog.at_level(logging.INFO, logger="sparse_expansion_plugin.wd_sparsegpt.modifier"):
+        ours = _wd(tiny_dir, calibration, wd_strength=NEUTRAL_STRENGTH, wd_token_stride=1, **structure)
+    ran = [r for r in caplog.records if r.getMessage().startswith("WD-aware SparseGPT ")]
+    assert len(ran) == len(stock)  # every module went through our _compress_one, none through super()
     for name in stock:
         assert torch.equal(stock[name] == 0, ours[name] == 0), name
         torch.testing.assert_close(ours[name], stock[name], rtol=1e-4, atol=1e-5)
