@@ -107,7 +107,7 @@ def test_token_docs_are_the_token_windows(tokenizer):
         assert tokenizer(doc["context"], add_special_tokens=False)["input_ids"] == row[:1]
         assert doc["predicted_tokens"] == SEQ_LEN - 1
     assert any(not d["context"].strip() for d in docs), (
-        "no whitespace-only first token: the compat path is untested"
+        "no whitespace-only first token: the whitespace-context case is untested"
     )
 
 
@@ -195,36 +195,84 @@ def test_choice_task_accuracy_equals_direct_scoring(tiny_dir, tokenizer):
     assert results[task]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
-def test_whitespace_only_context_is_kept_and_others_unchanged(tokenizer):
-    """lm-eval alone empties a whitespace-only context (then asserts); the fix keeps it, touching nothing else."""
-    from types import SimpleNamespace
+def token_task(metadata: dict):
+    """Our token-perplexity task as lm-eval's TaskManager builds it from the YAML."""
+    from lm_eval.tasks import TaskManager
 
-    from lm_eval.api.model import TemplateLM
-
-    from sparse_expansion_plugin.evaluation.lm_eval_compat import keep_whitespace_only_context
-
-    keep_whitespace_only_context()
-    lm = SimpleNamespace(
-        backend="causal", tok_encode=lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
-    )
-    newline = lm.tok_encode("\n")
-    context, continuation = TemplateLM._encode_pair(lm, "\n", "def f():")
-    assert context == newline and newline + continuation == lm.tok_encode("\ndef f():")
-    original = TemplateLM._encode_pair.__wrapped__
-    for pair in [("Hello", " world"), ("Hello ", "world"), ("x\n", "y")]:
-        assert TemplateLM._encode_pair(lm, *pair) == original(lm, *pair)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
+    return manager.load(TOKEN_TASK)["tasks"][TOKEN_TASK]
 
 
-def test_stock_lm_eval_gets_the_fix_from_the_task_file():
-    """``lm_eval --include_path`` imports tasks/utils.py only (not our model): that import must apply the fix."""
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('utils', {str(TASKS_DIR / 'utils.py')!r})\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "from lm_eval.api.model import TemplateLM\n"
-        "assert TemplateLM._encode_pair._sparse_expansion_keeps_whitespace_context\n"
-        "assert 'sparse_expansion_plugin.evaluation.lm_eval_model' not in sys.modules\n"
-    )
+def test_stock_hf_scores_each_windows_own_token_ids(tiny_dir, tokenizer):
+    """The ids stock ``HFLM`` scores for each request are the window's ids from ``token_windows``.
+
+    Context = token 1, continuation = tokens 2..L, for every window, the whitespace-first ones
+    included (lm-eval alone would empty their context and fail its own assert).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class Captured(HFLM):
+        def _loglikelihood_tokens(self, requests, **kwargs):
+            self.encoded = [(ctx, cont) for _, ctx, cont in requests]
+            return [(0.0, False)] * len(requests)
+
+    task = token_task({"pretrained": str(tiny_dir), "seq_len": SEQ_LEN, "num_windows": WINDOWS})
+    task.build_all_requests()
+    lm = Captured(pretrained=str(tiny_dir), device="cpu", dtype="float32")
+    lm.loglikelihood([instance for instance in task.instances], disable_tqdm=True)
+    windows = token_windows(tokenizer, "evaluation", SEQ_LEN, WINDOWS).tolist()
+    by_window = {
+        instance.doc["window"]: pair for instance, pair in zip(task.instances, lm.encoded, strict=True)
+    }
+    assert sorted(by_window) == list(range(WINDOWS))
+    for index, row in enumerate(windows):
+        assert by_window[index] == (row[:1], row[1:]), (
+            f"window {index} (first token {tokenizer.decode(row[:1])!r})"
+        )
+    assert any(not tokenizer.decode(row[:1]).strip() for row in windows), "no whitespace-first window tested"
+
+
+def test_token_task_refuses_a_prompt_other_than_the_first_token(tiny_dir):
+    task = token_task({"pretrained": str(tiny_dir), "seq_len": SEQ_LEN, "num_windows": 2})
+    task.set_config("description", "Read this code. ")
+    with pytest.raises(
+        ValueError, match="without --num_fewshot, --system_instruction or --apply_chat_template"
+    ):
+        task.build_all_requests()
+
+
+def test_our_imports_change_no_lm_eval_attribute(tiny_dir):
+    """Importing our package, model and task code replaces no attribute of any lm-eval module or class."""
+    code = f"""
+import importlib.util, inspect, sys
+import lm_eval.api.model, lm_eval.api.task, lm_eval.api.instance, lm_eval.api.registry
+import lm_eval.models, lm_eval.models.huggingface, lm_eval.models.utils_hf, lm_eval.tasks
+
+def snapshot():
+    seen = {{}}
+    for name, module in list(sys.modules.items()):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            for attr, value in list(vars(module).items()):
+                seen[(name, attr)] = value
+                if inspect.isclass(value) and value.__module__ == name:
+                    for member, item in list(vars(value).items()):
+                        seen[(name, attr, member)] = item
+    return seen
+
+before = snapshot()
+import sparse_expansion_plugin
+import sparse_expansion_plugin.evaluation.lm_eval_model
+import sparse_expansion_plugin.evaluation.lm_eval_task
+spec = importlib.util.spec_from_file_location("utils", {str(TASKS_DIR / "utils.py")!r})
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from lm_eval.tasks import TaskManager
+manager = TaskManager(include_path={str(TASKS_DIR)!r}, include_defaults=False,
+                      metadata={{"pretrained": {str(tiny_dir)!r}, "seq_len": 8, "num_windows": 2}})
+manager.load({TOKEN_TASK!r})
+after = snapshot()
+changed = sorted(str(key) for key, value in before.items() if key not in after or after[key] is not value)
+assert not changed, changed
+"""
     run_in_fresh_python(code)
 
 
@@ -297,49 +345,24 @@ def test_dir_without_weights_is_a_clear_error(tmp_path, tiny_dir):
     from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM
 
     (tmp_path / "config.json").write_text((tiny_dir / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="holds no weights"):
+    with pytest.raises(ValueError, match="holds no weights"):
         SparseExpansionLM(pretrained=str(tmp_path), device="cpu")
 
 
 # --------------------------------------------------------------------------- expanded models
 
 
-def expand_tiny(model: torch.nn.Module, num_experts: int = 2, seed: int = 0) -> torch.nn.Module:
-    """Give every MLP random routers and K half-pruned experts per linear (built with the modeling API)."""
-    from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
-    from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
-
-    gen = torch.Generator().manual_seed(seed)
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        routers = {}
-        for leaf in ("gate_proj", "down_proj"):
-            router = ExpertRouter(getattr(mlp, leaf).in_features, num_experts)
-            router.weight.copy_(torch.randn(router.weight.shape, generator=gen))
-            setattr(mlp, f"se_router_{leaf}", router)
-            routers[leaf] = router
-        for leaf, router in (
-            ("gate_proj", routers["gate_proj"]),
-            ("up_proj", routers["gate_proj"]),
-            ("down_proj", routers["down_proj"]),
-        ):
-            weight = getattr(mlp, leaf).weight.data
-            experts = torch.stack(
-                [weight * (torch.rand(weight.shape, generator=gen) > 0.5) for _ in range(num_experts)]
-            )
-            setattr(mlp, leaf, ExpandedLinear.from_experts(experts, router))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def expanded(tmp_path_factory, tokenizer):
     """(directory written by save_expanded, the in-memory expanded model it holds)."""
+    from test_save_load import expand_randomly  # the save/load tests' random expansion (block API)
+
     from sparse_expansion_plugin.sparse_expansion.model import save_expanded
 
     model = make_tiny_llama(seed=2, vocab=len(tokenizer))
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model.config.pad_token_id = None
-    expand_tiny(model)
+    expand_randomly(model, num_experts=2).eval()
     path = save_expanded(model, tokenizer, tmp_path_factory.mktemp("expanded") / "model")
     return path, model
 

@@ -1,12 +1,15 @@
 """lm-eval model ``sparse-expansion``: ``HFLM`` that also loads our expanded directories.
 
-Only ``_create_model`` changes (lm-eval's documented extension point): an
-expanded directory (config.json with a ``sparse_expansion`` block) is loaded
-by our own loader, no remote code; any other directory or hub name (dense,
+Only ``_create_model`` (lm-eval's documented extension point) and
+``_get_config`` change, and only for an expanded directory (one that
+``sparse_expansion.is_expanded_dir`` recognises): it is loaded by our own
+loader, no remote code. Any other directory or hub name (dense,
 SparseGPT-pruned: a dense checkpoint with zeros) goes through ``HFLM``
 unchanged, so every usual ``--model_args`` keeps working. Around that:
 
-- ``pretrained=smollm2-135m`` (or ``default``) means the embedded model;
+- "local directory or hub name?" is decided by ``data.locations``, as
+  everywhere in the package; ``pretrained=smollm2-135m`` (or ``default``)
+  means the embedded model;
 - a missing directory or one without weights fails early with a clear error;
 - under ``accelerate launch`` on CPU (or with fewer GPUs than processes),
   ``HFLM`` runs every process on all documents; we shard them by process as
@@ -18,101 +21,61 @@ import registers the built-in models: registering first would hide them).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lm_eval.models  # noqa: F401  (registers the built-in models first; see module docstring)
 import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import get_dtype
+from transformers import PretrainedConfig
 
-from sparse_expansion_plugin.data.models import resolve_model_path
-from sparse_expansion_plugin.evaluation.lm_eval_compat import keep_whitespace_only_context
+from sparse_expansion_plugin.data.locations import check_model_dir, resolve_model_location
 from sparse_expansion_plugin.evaluation.lm_eval_registry import MODEL_NAME
+from sparse_expansion_plugin.sparse_expansion import is_expanded_dir, load_expanded
+from sparse_expansion_plugin.sparse_expansion.remote_code.modeling_sparse_expansion import (
+    SparseExpansionConfig,
+)
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 
+def local_or_hub(name_or_path: str | os.PathLike[str], need_tokenizer: bool = True) -> str:
+    """``pretrained`` / ``tokenizer`` as HFLM should receive it: a checked local directory or a hub name.
 
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub name: absolute, relative, home-based, or with more than one ``/``."""
-    return name.startswith((".", "/", "~")) or (os.sep in name and name.count("/") != 1)
-
-
-def check_model_dir(pretrained: str) -> None:
-    """Fail early, naming the fix, when ``pretrained`` is a directory lm-eval cannot load.
-
-    Hub names (``org/name`` that is not a local path) pass through untouched.
+    The decision is ``data.locations.resolve_model_location``'s (``smollm2-135m`` is the embedded
+    model); a local directory lm-eval could not load fails here, naming the fix.
     """
-    path = Path(pretrained).expanduser()
-    if not path.exists():
-        if _looks_local(pretrained):
-            raise FileNotFoundError(
-                f"model directory {pretrained!r} does not exist; give the directory of a saved model, "
-                "a hub name, or smollm2-135m for the embedded default"
-            )
-        return
-    if not path.is_dir():
-        raise NotADirectoryError(
-            f"pretrained={pretrained!r} is a file; pass the directory that holds config.json"
-        )
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{pretrained!r} has no config.json: it is not a saved Hugging Face model directory"
-        )
-    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
-        raise FileNotFoundError(
-            f"{pretrained!r} holds no weights (no *.safetensors or *.bin); save the model with "
-            "save_pretrained (or `sparse-expansion compress`) into it first"
-        )
-
-
-def _config_dict(pretrained: str) -> dict:
-    config = Path(pretrained).expanduser() / "config.json"
-    return json.loads(config.read_text()) if config.is_file() else {}
+    location = resolve_model_location(name_or_path)
+    if isinstance(location, Path):
+        check_model_dir(location, need_tokenizer=need_tokenizer)
+    return str(location)
 
 
 def is_expanded(pretrained: str) -> bool:
-    """True for a saved Sparse Expansion directory (uses ``modeling.save_load.is_expanded_dir`` when present)."""
-    if not Path(pretrained).expanduser().is_dir():
-        return False
-    try:
-        from sparse_expansion_plugin.sparse_expansion.model import is_expanded_dir
-    except ImportError:
-        return "sparse_expansion" in _config_dict(pretrained)
-    return bool(is_expanded_dir(pretrained))
-
-
-def expanded_loader():
-    try:
-        from sparse_expansion_plugin.sparse_expansion.model import load_expanded
-    except ImportError as error:
-        raise ImportError(
-            "this directory holds an expanded model but sparse_expansion_plugin.sparse_expansion.model."
-            "load_expanded is not available in this install; update sparse-expansion-plugin"
-        ) from error
-    return load_expanded
+    """True for a saved Sparse Expansion directory (a hub name is never one here)."""
+    return Path(pretrained).is_dir() and is_expanded_dir(pretrained)
 
 
 class SparseExpansionLM(HFLM):
     """``HFLM`` whose ``pretrained=DIR`` may also be a Sparse Expansion directory."""
 
     def __init__(self, pretrained: Any = "smollm2-135m", **kwargs: Any) -> None:
+        if isinstance(kwargs.get("tokenizer"), str | os.PathLike):
+            kwargs["tokenizer"] = local_or_hub(kwargs["tokenizer"])
         if isinstance(pretrained, str | os.PathLike):
-            pretrained = resolve_model_path(str(pretrained))
-            check_model_dir(pretrained)
+            pretrained = local_or_hub(pretrained, need_tokenizer=kwargs.get("tokenizer") is None)
+            if is_expanded(pretrained):
+                # config.json says model_type sparse_expansion, which HFLM cannot classify; it is a causal LM.
+                kwargs.setdefault("backend", "causal")
         device = kwargs.get("device", "cuda")
         if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():
             # HFLM's default is "cuda"; on a machine without one that would fail while loading.
             logger.warning("device %r requested but CUDA is not available: using cpu", device)
             kwargs["device"] = "cpu"
-        if isinstance(kwargs.get("tokenizer"), str | os.PathLike):
-            kwargs["tokenizer"] = resolve_model_path(str(kwargs["tokenizer"]))
         super().__init__(pretrained=pretrained, **kwargs)
         accelerator = getattr(self, "accelerator", None)
         if accelerator is not None and accelerator.num_processes > 1 and self.world_size == 1:
@@ -121,6 +84,16 @@ class SparseExpansionLM(HFLM):
             self._world_size = accelerator.num_processes
             self._device = accelerator.device
             logger.info("data parallel: process %d of %d on %s", self._rank, self._world_size, self._device)
+
+    def _get_config(self, pretrained: str, **kwargs: Any) -> None:
+        if not is_expanded(pretrained):
+            super()._get_config(pretrained, **kwargs)
+            return
+        # transformers reads our model_type only through the remote-code config class; we use the
+        # package's own copy of that class instead of running the file in the directory.
+        # _create_model then replaces it by the loaded model's base-architecture config.
+        config: PretrainedConfig = SparseExpansionConfig.from_pretrained(pretrained)
+        self._config = config
 
     def _create_model(
         self,
@@ -158,9 +131,8 @@ class SparseExpansionLM(HFLM):
                 "peft, delta, autogptq, gptqmodel and tp_plan are not supported for expanded models"
             )
         torch_dtype = get_dtype(dtype)
-        model = expanded_loader()(
-            pretrained, device="cpu", dtype=None if torch_dtype == "auto" else torch_dtype
-        )
+        model = load_expanded(pretrained, device="cpu", dtype=None if torch_dtype == "auto" else torch_dtype)
+        self._config = cast(PretrainedConfig, model.config)  # the base architecture's config
         placement = self._get_accelerate_args(
             parallelize=parallelize,
             device_map=kwargs.get("device_map"),
@@ -206,7 +178,6 @@ def place_model(model: torch.nn.Module, placement: dict) -> torch.nn.Module:
 
 def register() -> None:
     """Register ``sparse-expansion`` in lm-eval's model registry (idempotent; replaces the lazy placeholder)."""
-    keep_whitespace_only_context()
     model_registry.register(MODEL_NAME, target=SparseExpansionLM)
 
 

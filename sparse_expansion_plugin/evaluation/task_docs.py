@@ -40,15 +40,16 @@ def parse_sources(sources: str | Sequence[str] | None) -> tuple[str, ...]:
     return parsed
 
 
-def _lmeval_encode_pair(
+def _lm_eval_encoding(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list, list]:
-    """What lm-eval's causal ``_encode_pair`` yields (with ``lm_eval_compat``'s whitespace fix)."""
-    stripped = context.rstrip()
-    if stripped:  # lm-eval moves trailing whitespace from the context to the continuation
-        continuation, context = context[len(stripped) :] + continuation, stripped
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    """The token ids lm-eval scores for our request: the context as it is (``lm_eval_task.WindowContext``), the rest.
+
+    ``TemplateLM._encode_pair`` for a causal model with nothing to strip:
+    ``tok(context)`` and ``tok(context + continuation)[len(tok(context)):]``.
+    """
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     return ctx, whole[len(ctx) :]
 
 
@@ -72,7 +73,7 @@ def token_perplexity_docs(
         continuation = tokenizer.decode(row[1:])
         if not isinstance(context, str) or not isinstance(continuation, str):  # one id list -> one string
             raise TypeError(f"{type(tokenizer).__name__}.decode returned a list for one window's token ids")
-        ctx, cont = _lmeval_encode_pair(tokenizer, context, continuation)
+        ctx, cont = _lm_eval_encoding(tokenizer, context, continuation)
         if ctx != row[:1] or cont != row[1:]:
             raise ValueError(
                 f"window {index} does not survive decode -> encode with tokenizer "

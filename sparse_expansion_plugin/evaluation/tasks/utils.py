@@ -15,15 +15,13 @@ from typing import Any
 import datasets
 
 from sparse_expansion_plugin.evaluation import task_docs
-from sparse_expansion_plugin.evaluation.lm_eval_compat import keep_whitespace_only_context
-
-keep_whitespace_only_context()
+from sparse_expansion_plugin.evaluation.lm_eval_task import TokenPerplexityTask  # noqa: F401  (the token YAML's `class:`)
 
 
 def _tokenizer(tokenizer: Any = None, pretrained: Any = None, trust_remote_code: Any = False, **_: Any):
     from transformers import AutoTokenizer
 
-    from sparse_expansion_plugin.data.models import resolve_model_path
+    from sparse_expansion_plugin.data.locations import resolve_model_location
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         return tokenizer
@@ -36,7 +34,7 @@ def _tokenizer(tokenizer: Any = None, pretrained: Any = None, trust_remote_code:
             "or --metadata tokenizer=DIR_OR_NAME"
         )
     return AutoTokenizer.from_pretrained(
-        resolve_model_path(name), trust_remote_code=str(trust_remote_code) == "True"
+        resolve_model_location(name), trust_remote_code=str(trust_remote_code) == "True"
     )
 
 
