@@ -372,3 +372,29 @@ def test_stock_zero_count_matches_sparsify_weight(rows, columns, sparsity):
     x = torch.randn(256, columns)
     _, pruned = sparsify_weight(linear, {linear: 2 / 256 * x.T @ x}, sparsity, 0, 0, 128, 0.01, False)
     assert int((pruned == 0).sum()) == stock_zero_count(rows, columns, sparsity, 128)
+
+
+@pytest.mark.parametrize("score", ["wd", "kurtosis", "variance"])
+def test_score_statistics_keep_every_strided_token_with_a_rotating_offset(score):
+    """Three calls of 10 tokens at stride 3 keep rows 0,3,6,9 / 1,4,7 / 2,5,8: checked with scipy / wd_exact."""
+    from scipy.stats import kurtosis
+
+    from sparse_expansion_plugin.metrics.wasserstein import wd_exact
+    from sparse_expansion_plugin.wd_sparsegpt.statistics import ScoreStatistics
+
+    generator = torch.Generator().manual_seed(2)
+    calls = [torch.randn(2, 5, 4, generator=generator).double() ** 3 for _ in range(3)]
+    stats = ScoreStatistics(score, stride=3, num_bins=1024)
+    for values in calls:
+        stats.update("m", values)
+    kept = torch.cat([v.reshape(-1, 4)[i % 3 :: 3] for i, v in enumerate(calls)])
+    assert kept.shape == (10, 4)
+    result = stats.pop("m", "model.m")
+    if score == "wd":
+        torch.testing.assert_close(result, wd_exact(kept).float(), atol=0.02, rtol=0)
+    elif score == "kurtosis":
+        torch.testing.assert_close(result, torch.tensor(kurtosis(kept.numpy(), axis=0)).float())
+    else:
+        torch.testing.assert_close(result, kept.var(dim=0, unbiased=False).float())
+    with pytest.raises(RuntimeError, match="no calibration statistics were collected for model.m"):
+        stats.pop("m", "model.m")

@@ -2,4 +2,5 @@
 
 modifier.py    ``WassersteinSparseGPTModifier`` (fields and lifecycle)
 allocation.py  how zeros move between rows and layers by a score (WD, or a control)
+statistics.py  the streaming per-neuron statistics behind the wd/kurtosis/variance scores
 """

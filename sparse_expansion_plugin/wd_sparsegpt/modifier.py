@@ -63,6 +63,7 @@ from sparse_expansion_plugin.modeling.targets import module_weight
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 from sparse_expansion_plugin.wd_sparsegpt import allocation
+from sparse_expansion_plugin.wd_sparsegpt.statistics import STATISTIC_SCORES, ScoreStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,7 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
     wd_token_stride: int = Field(default=8, ge=1)
     seed: int = 0
 
-    _row_stats: dict[torch.nn.Module, object] = PrivateAttr(default_factory=dict)
-    _calls: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
+    _row_stats: ScoreStatistics | None = PrivateAttr(default=None)
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
     _zero_budgets: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     _model: torch.nn.Module | None = PrivateAttr(default=None)
@@ -192,7 +192,9 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             values = _output
         else:
             return
-        self._update_stats(module, values)
+        if self._row_stats is None:
+            self._row_stats = ScoreStatistics(self.score, self.wd_token_stride, self.wd_bins)
+        self._row_stats.update(module, values)
 
     def compress_modules(self) -> None:
         if not self._active:
@@ -203,8 +205,7 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         result = super().on_finalize(state, **kwargs)
-        self._row_stats = {}
-        self._calls = {}
+        self._row_stats = None
         self._zero_budgets = {}
         self._model = None
         return result
@@ -230,24 +231,6 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
         )
 
     # ------------------------------------------------------------------ statistics
-    def _update_stats(self, module: torch.nn.Module, values: torch.Tensor) -> None:
-        from sparse_expansion_plugin.metrics.moments import StreamingMoments
-        from sparse_expansion_plugin.metrics.wasserstein import StreamingWD
-
-        flat = values.detach().reshape(-1, values.shape[-1])
-        call = self._calls.get(module, 0)
-        self._calls[module] = call + 1
-        # Rotate the offset so position 0 (attention-sink tokens) is not over-sampled.
-        flat = flat[call % self.wd_token_stride :: self.wd_token_stride]
-        if module not in self._row_stats:
-            if self.score == "wd":
-                self._row_stats[module] = StreamingWD(
-                    flat.shape[1], num_bins=self.wd_bins, device=flat.device
-                )
-            else:
-                self._row_stats[module] = StreamingMoments(flat.shape[1])
-        self._row_stats[module].update(flat)  # type: ignore[attr-defined]
-
     def _scores(self, module: torch.nn.Module, hessian: torch.Tensor, index: int) -> torch.Tensor:
         """Score per row (unstructured) or per input column (N:M) of one module: ``[out]`` or ``[in]``."""
         shape = module_weight(module).shape
@@ -261,14 +244,9 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             return allocation.owl_outlier_share(
                 outliers, self.owl_threshold, dim=0 if self._structured else 1
             )
-        stats = self._row_stats.pop(module, None)
-        if stats is None:
+        if self._row_stats is None:
             raise RuntimeError(f"no calibration statistics were collected for {self._module_names[module]}")
-        if self.score == "wd":
-            return stats.wd().float().cpu()  # type: ignore[attr-defined]
-        if self.score == "kurtosis":
-            return stats.excess_kurtosis().float().cpu()  # type: ignore[attr-defined]
-        return stats.variance().float().cpu()  # type: ignore[attr-defined]
+        return self._row_stats.pop(module, self._module_names[module])
 
     # ------------------------------------------------------------------ pruning
     def _compress_one(self, module: torch.nn.Module) -> None:
@@ -341,32 +319,22 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
         from compressed_tensors.utils import get_execution_device
         from llmcompressor.utils import calibration_forward_context
 
-        from sparse_expansion_plugin.metrics.moments import StreamingMoments
-        from sparse_expansion_plugin.metrics.wasserstein import StreamingWD
-
         model = state.model
         modules = self._prunable_modules()
-        stats: dict[str, object] = {}
+        stats = (
+            ScoreStatistics(self.score, self.wd_token_stride, self.wd_bins)
+            if self.score in STATISTIC_SCORES
+            else None
+        )
         sq_sums: dict[str, torch.Tensor] = {}
-        calls: dict[str, int] = {}
 
         def hook_for(name: str):
             def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-                if self.score == "owl":
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(dim=0)
+                if stats is not None:
+                    stats.update(name, output)
                     return
-                flat = output.detach().reshape(-1, output.shape[-1])
-                call = calls.get(name, 0)
-                calls[name] = call + 1
-                flat = flat[call % self.wd_token_stride :: self.wd_token_stride]
-                if name not in stats:
-                    stats[name] = (
-                        StreamingWD(flat.shape[1], num_bins=self.wd_bins, device=flat.device)
-                        if self.score == "wd"
-                        else StreamingMoments(flat.shape[1])
-                    )
-                stats[name].update(flat)  # type: ignore[attr-defined]
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                sq_sums[name] = sq_sums.get(name, 0) + (x * x).sum(dim=0)
 
             return hook
 
@@ -393,14 +361,7 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             if self.score == "owl":
                 owl_members.setdefault(layer, []).append((module_weight(module), sq_sums[name]))
                 continue
-            if self.score == "random":
-                value = torch.rand(1, generator=generator)
-            elif self.score == "wd":
-                value = stats[name].wd().float().cpu()  # type: ignore[attr-defined]
-            elif self.score == "kurtosis":
-                value = stats[name].excess_kurtosis().float().cpu()  # type: ignore[attr-defined]
-            else:
-                value = stats[name].variance().float().cpu()  # type: ignore[attr-defined]
+            value = torch.rand(1, generator=generator) if stats is None else stats.pop(name, name)
             per_layer.setdefault(layer, []).append(value.flatten())
         if self.score == "owl":
             scores = {
