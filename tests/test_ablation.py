@@ -31,6 +31,7 @@ from sparse_expansion_plugin.analysis.ablation import (
     select_per_layer,
 )
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
+from sparse_expansion_plugin.outputs import MARKER
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_llama  # noqa: E402
@@ -341,6 +342,7 @@ def test_ablate_command_writes_outputs_and_refuses_existing(tiny_model_dir, tmp_
     ]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,  # says this package wrote the directory, so --overwrite may replace it
         "ablation.csv",
         "ablation.json",
         "ablation.png",

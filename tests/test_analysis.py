@@ -16,6 +16,7 @@ from sparse_expansion_plugin.analysis.analyze import AnalysisConfig, analyze_mod
 from sparse_expansion_plugin.analysis.capture import capture_activations, collect_neuron_statistics
 from sparse_expansion_plugin.metrics import sample_token_pairs, wd_exact
 from sparse_expansion_plugin.modeling.targets import ffn_blocks, select_linears
+from sparse_expansion_plugin.outputs import MARKER
 from tests.conftest import make_tiny_llama
 
 
@@ -160,6 +161,7 @@ def test_analyze_report_is_written_atomically(tmp_path, smol_tokenizer, monkeypa
     analyze_model(model, smol_tokenizer, out, config)
     files = sorted(p.name for p in out.iterdir())
     assert files == [
+        MARKER,  # says this package wrote the directory, so --overwrite may replace it
         "neurons.csv",
         "summary.csv",
         "summary.json",

@@ -19,6 +19,7 @@ from sparse_expansion_plugin.analysis.pairs import (
     pair_modules,
     pair_records,
 )
+from sparse_expansion_plugin.outputs import MARKER
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_llama  # noqa: E402
@@ -171,7 +172,13 @@ def test_pairs_command_writes_outputs(tiny_model_dir, tmp_path, capsys):  # noqa
         "--seq-len", "32", "--num-pairs", "30", "--neurons", "3", "--pairs-per-neuron", "4", "--plot-neurons", "2",
     ]  # fmt: skip
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["pairs.json", "pairs.png", "zscores.csv", "zscores.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        MARKER,
+        "pairs.json",
+        "pairs.png",
+        "zscores.csv",
+        "zscores.png",
+    ]
     data = json.loads((out / "pairs.json").read_text())
     assert data["layer"] == 1 and len(data["neurons"]) == 3
     pair = data["neurons"][0]["pairs"][0]
