@@ -40,7 +40,7 @@ from _common import median_forward_seconds, peak_rss_gib
 from sparse_expansion_plugin.compression import run_oneshot
 from sparse_expansion_plugin.data.calibration import calibration_dataset
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
-from sparse_expansion_plugin.data.text import token_windows
+from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 from sparse_expansion_plugin.outputs import atomic_write_text
 
@@ -69,6 +69,24 @@ def randomize_routing(model: torch.nn.Module, seed: int) -> None:
                 return torch.rand(x.numel() // r.in_features, r.num_experts, generator=gen)
 
             router.scores = scores  # type: ignore[method-assign]
+
+
+def cluster_summary(modifier: Any) -> str:
+    """Cluster sizes over the expanded linears: the smallest and largest cluster's share of tokens,
+    and the median cluster's, separately for the MLP input projections and the down projections."""
+    parts = []
+    for kind, is_down in (("gate/up", False), ("down", True)):
+        shares = [
+            sorted(c / sum(entry["cluster_tokens"]) for c in entry["cluster_tokens"])
+            for entry in modifier.report
+            if entry["name"].endswith(("down_proj", "dense_4h_to_h", "fc2", "c_proj")) == is_down
+        ]
+        if shares:
+            parts.append(
+                f"{kind}: smallest {min(s[0] for s in shares):.2%}, median {sorted(s[len(s) // 2] for s in shares)[len(shares) // 2]:.2%}, "
+                f"largest {max(s[-1] for s in shares):.1%} of a layer's tokens"
+            )
+    return "; ".join(parts)
 
 
 @torch.no_grad()
@@ -153,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     se_options = dict(item.split("=", 1) for item in args.se_options)
     se_options = {k: parse_value(v) for k, v in se_options.items()}
     dense, tokenizer = load_model_and_tokenizer(args.model)
-    evaluation = token_windows(tokenizer, "evaluation", args.seq_len, args.eval_windows)
+    evaluation = {  # every evaluation text on its own (each gets --eval-windows windows)
+        source: token_windows(tokenizer, "evaluation", args.seq_len, args.eval_windows, sources=(source,))
+        for source in SOURCES
+    }
     calibration = calibration_dataset(tokenizer, args.calibration_samples, args.seq_len)
     results: list[dict[str, Any]] = []
     expanded: dict[int, torch.nn.Module] = {}
@@ -174,16 +195,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(name: str, model: torch.nn.Module, seconds: float | None, **extra: Any) -> None:
         start = time.perf_counter()
-        ppl = token_perplexity(model, evaluation, args.batch_size)
+        by_text = {src: token_perplexity(model, w, args.batch_size) for src, w in evaluation.items()}
+        ppl = math.exp(sum(math.log(v) for v in by_text.values()) / len(by_text))  # geometric mean
         row = {
             "variant": name,
             "ppl": ppl,
+            "ppl_by_text": by_text,
             "compress_s": seconds,
             "eval_s": time.perf_counter() - start,
             **extra,
         }
         results.append(row)
-        logger.info("%s: ppl %.3f", name, ppl)
+        logger.info("%s: ppl %s", name, ", ".join(f"{k} {v:.3f}" for k, v in by_text.items()))
         save()
 
     def save() -> None:  # after every variant, so a long run that is cut short keeps what it measured
@@ -219,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             model, seconds = compress(modifier)
             cost = expansion_cost(model).as_dict()
-            record(variant, model, seconds, cost=cost, options=variant_options)
+            record(
+                variant,
+                model,
+                seconds,
+                cost=cost,
+                options=variant_options,
+                clusters=cluster_summary(modifier),
+            )
             if not structure and not sparsity_text and not extras:
                 expanded[k] = model
             del model
@@ -257,26 +287,31 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown variant {variant!r}; see --help")
 
-    ppl = {r["variant"]: r["ppl"] for r in results if "ppl" in r}
-    base, top = ppl.get("sparsegpt"), ppl.get("dense")
     print(
         f"\nSparse Expansion quality: {args.model}, {args.calibration_samples}x{args.seq_len} calibration tokens, "
         f"{args.eval_windows}x{args.seq_len} evaluation tokens, options {se_options or 'default'}\n"
     )
-    print("| variant | token ppl | gap closed vs SparseGPT | stored bytes / dense (MLP) | compress s |")
-    print("|---|---|---|---|---|")
+    by_variant = {r["variant"]: r["ppl_by_text"] for r in results if "ppl_by_text" in r}
+    header = " | ".join(f"ppl {s} | gap closed {s}" for s in SOURCES)
+    print(f"| variant | {header} | stored bytes / dense (MLP) | compress s |")
+    print("|---|" + "---|---|" * len(SOURCES) + "---|---|")
     for r in results:
-        if "ppl" not in r:
+        if "ppl_by_text" not in r:
             continue
-        closed = ""
-        reference = ppl.get("sparsegpt-2:4") if "2:4" in r["variant"] else base
-        if reference and top and r["variant"] not in ("dense", "sparsegpt", "sparsegpt-2:4"):
-            closed = (
-                f"{(math.log(reference) - math.log(r['ppl'])) / (math.log(reference) - math.log(top)):+.0%}"
-            )
+        reference = by_variant.get("sparsegpt-2:4") if "2:4" in r["variant"] else by_variant.get("sparsegpt")
+        top_text = by_variant.get("dense")
+        cells = []
+        for source in SOURCES:
+            value, closed = r["ppl_by_text"][source], ""
+            if reference and top_text and r["variant"] not in ("dense", "sparsegpt", "sparsegpt-2:4"):
+                gap = math.log(reference[source]) - math.log(top_text[source])
+                closed = f"{(math.log(reference[source]) - math.log(value)) / gap:+.0%}"
+            cells.append(f"{value:.3f} | {closed}")
         size = f"{r['cost']['expanded_bytes'] / r['cost']['dense_bytes']:.2f}" if "cost" in r else ""
         seconds = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
-        print(f"| {r['variant']} | {r['ppl']:.3f} | {closed} | {size} | {seconds} |")
+        print(f"| {r['variant']} | {' | '.join(cells)} | {size} | {seconds} |")
+        if r.get("clusters"):
+            print(f"|   clusters: {r['clusters']} |")
     for r in results:
         if "ratio_compact" in r:
             print(

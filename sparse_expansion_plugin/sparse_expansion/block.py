@@ -41,13 +41,17 @@ def _hand_routing(block: nn.Module, args: tuple[Any, ...]) -> None:
         raise RuntimeError(f"{type(block).__name__} was called without a tensor input to route")
     routing = router(args[0])
     for name in getattr(block, _ROUTED):
-        block.get_submodule(name).block_routing = routing
+        layer = block.get_submodule(name)
+        assert isinstance(layer, ExpandedLinear)
+        layer.block_routing = routing
 
 
 def _drop_routing(block: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
     """Forward hook (always called): the routing of this call is not kept past it."""
     for name in getattr(block, _ROUTED):
-        block.get_submodule(name).block_routing = None
+        layer = block.get_submodule(name)
+        assert isinstance(layer, ExpandedLinear)
+        layer.block_routing = None
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -172,7 +172,7 @@ def _base_config(config: dict[str, Any], where: str) -> tuple[Any, str]:
     from transformers import CONFIG_MAPPING
 
     base = {k: v for k, v in config.items() if k not in _OUR_KEYS}
-    model_type = config.get("base_model_type", config.get("model_type"))
+    model_type = str(config.get("base_model_type", config.get("model_type")))
     architectures = config.get("base_architectures", config.get("architectures")) or []
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{where}: base model type {model_type!r} is not known to this transformers version")

@@ -41,6 +41,7 @@ from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized
 from sparse_expansion_plugin.sparse_expansion.block import install_expanded_block
 from sparse_expansion_plugin.sparse_expansion.clustering import (
     FittedRouter,
+    cluster_size_summary,
     drop_experts,
     fit_router,
     pca_components_for,
@@ -60,14 +61,6 @@ def _as_batch(inputs: torch.Tensor) -> torch.Tensor:
     """A captured input as ``[batch, seq, d]`` (a 2-D input is one sample), detached."""
     inputs = inputs.detach()
     return inputs.unsqueeze(0) if inputs.dim() == 2 else inputs
-
-
-def _size_summary(counts: list[int]) -> str:
-    ordered = sorted(counts)
-    return (
-        f"min {ordered[0]:,} / median {ordered[len(ordered) // 2]:,} / max {ordered[-1]:,} "
-        f"of {sum(ordered):,} tokens"
-    )
 
 
 @dataclass
@@ -247,7 +240,7 @@ class SparseExpansionModifier(SparsityModifierBase):
         """One llm-compressor hook per router group (on its first linear): the base would hook every
         target, and skips GPT-2's Conv1D, which is not among its prunable layer types."""
         for module in self._capture:
-            self.register_hook(module, self.calibrate_module, "forward")
+            self.register_hook(module, self.calibrate_module, "forward")  # type: ignore[arg-type]
 
     def calibrate_module(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
@@ -415,7 +408,8 @@ class SparseExpansionModifier(SparsityModifierBase):
             kmeans_n_init=self.kmeans_n_init,
             kmeans_max_iter=self.kmeans_max_iter,
             max_fit_tokens=self.max_fit_tokens,
-            **self._fit_options(),
+            input_norm=self.input_norm,
+            fit_outlier_quantile=self.fit_outlier_quantile,
         )
         if self.small_cluster_rule == "merge" and self.min_cluster_tokens:
             while fitted.router.num_experts > 1:
@@ -434,14 +428,6 @@ class SparseExpansionModifier(SparsityModifierBase):
         sample, calib.sample, calib.sample_tokens = calib.sample, [], 0
         for batch in sample:
             self._add(group, batch)
-
-    def _fit_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {}
-        if self.input_norm != "none":
-            options["input_norm"] = self.input_norm
-        if self.fit_outlier_quantile is not None:
-            options["fit_outlier_quantile"] = self.fit_outlier_quantile
-        return options
 
     def _add(self, group: _Group, batch: torch.Tensor) -> None:
         """Route ``batch`` with the group's router and add it to the per-cluster Hessians."""
@@ -542,7 +528,7 @@ class SparseExpansionModifier(SparsityModifierBase):
             min_cluster_tokens=self.min_cluster_tokens,
             small_cluster_rule=self.small_cluster_rule,
             small_cluster_dampening=self.small_cluster_dampening,
-            **({"prior_tokens": self.prior_tokens} if self.prior_tokens else {}),
+            prior_tokens=self.prior_tokens,
         )
         notes.extend(rule_notes)
         counts = list(stats.tokens)
@@ -579,7 +565,7 @@ class SparseExpansionModifier(SparsityModifierBase):
             "SparseExpansion: expanded %s into %d experts (cluster %s) in %.1fs",
             ", ".join(group.names),
             num_experts,
-            _size_summary(counts),
+            cluster_size_summary(counts),
             time.perf_counter() - start,
         )
         group.done = True

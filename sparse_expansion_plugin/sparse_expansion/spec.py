@@ -105,7 +105,7 @@ class BlockSpec(_Strict):
 class ExpansionSpec(_Strict):
     """Every expanded block of a model, by module name (the ``sparse_expansion`` config block)."""
 
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[2] = 2  # FORMAT_VERSION
     blocks: dict[str, BlockSpec] = Field(min_length=1)
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
