@@ -25,11 +25,12 @@ import torch
 
 from sparse_expansion_plugin.analysis.analyze import AnalysisConfig, analyze_model
 from sparse_expansion_plugin.compression import run_oneshot
-from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
+from sparse_expansion_plugin.data.locations import checked_model_location
+from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 from sparse_expansion_plugin.modeling.targets import ffn_blocks, ffn_target_regex, module_weight
-from sparse_expansion_plugin.outputs import atomic_output_dir
+from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,17 @@ class DemoConfig:
     eval_windows: int = 12
     analysis_windows: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse impossible sizes at once (a negative count used to mean "all but N")."""
+        if isinstance(self.sparsity, bool) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (0.5 prunes half), got {self.sparsity!r}")
+        for name in ("num_experts", "calibration_samples", "eval_windows", "analysis_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2 (tokens per window), got {self.seq_len!r}")
 
 
 def _ffn_bytes(model: torch.nn.Module, compact: bool) -> int:
@@ -72,7 +84,9 @@ def run_demo(
     from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
     config = config or DemoConfig()
-    config.model = resolve_model_path(config.model)
+    # Everything that can be wrong with the arguments fails here, in a second, before any work.
+    check_output_dir(output_dir, overwrite, [config.model])
+    config.model = str(checked_model_location(config.model, config.seq_len))
     rows: list[dict[str, Any]] = []
     with atomic_output_dir(output_dir, overwrite, inputs=[config.model]) as tmp:
         dense, tokenizer = load_model_and_tokenizer(config.model)

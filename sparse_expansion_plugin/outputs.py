@@ -91,7 +91,7 @@ def protected_locations(inputs: Iterable[str | os.PathLike[str]] = ()) -> list[t
         (Path.cwd(), "the current working directory"),
         (Path.home(), "your home directory"),
         (Path(Path.cwd().anchor or "/"), "the filesystem root"),
-        (cache_dir(), "the package's model cache ($SPARSE_EXPANSION_CACHE)"),
+        (cache_dir(), "the package's model cache"),
     ]
     for item in inputs:
         path = Path(item).expanduser()

@@ -73,7 +73,10 @@ def test_existing_json_is_kept_without_overwrite(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--sources", "wikipedia"], "unknown text source"), (["--seq-len", "1"], "--seq-len must be >= 2")],
+    [
+        (["--sources", "wikipedia"], "unknown text source"),
+        (["--seq-len", "1"], "argument --seq-len: must be an integer >= 2"),
+    ],
 )
 def test_bad_options_are_clear_errors(tiny_dir, capsys, extra, message):
     assert main(["eval", str(tiny_dir), *extra]) == 2

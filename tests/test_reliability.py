@@ -31,29 +31,29 @@ class Case:
     what: str
     argv: tuple[str, ...]
     expect: str
-    setup: Callable[[Path], None] | None = None
+    setup: Callable[[Path, Path], None] | None = None  # (cwd, model)
     env: dict[str, str] = field(default_factory=dict)
     code: int = 2
 
 
-def _mark_cwd_as_ours(cwd: Path) -> None:
+def _mark_cwd_as_ours(cwd: Path, model: Path) -> None:
     """The working directory is an old output of ours (marker present): still never replaced."""
     from sparse_expansion_plugin.outputs import write_marker
 
     write_marker(cwd)
 
 
-def _make_home(cwd: Path) -> None:
+def _make_home(cwd: Path, model: Path) -> None:
     (cwd / "home").mkdir()
     (cwd / "home" / "thesis.tex").write_text("years of work")
 
 
-def _make_cache(cwd: Path) -> None:
+def _make_cache(cwd: Path, model: Path) -> None:
     (cwd / "cache" / "smollm2-135m-instruct").mkdir(parents=True)
     (cwd / "cache" / "smollm2-135m-instruct" / "config.json").write_text("{}")
 
 
-def _foreign_dir(cwd: Path) -> None:
+def _foreign_dir(cwd: Path, model: Path) -> None:
     (cwd / "results").mkdir()
     (cwd / "results" / "paper.csv").write_text("not ours")
 
@@ -124,7 +124,159 @@ OUTPUT_CASES = [
     ),
 ]
 
-CASES = [*OUTPUT_CASES]
+OUTPUT_CASES.append(
+    Case(
+        "output-unwritable",
+        "`--output /proc/out` (a location nobody can write)",
+        _compress("/proc/sparse_expansion_out"),
+        "not writable",
+    )
+)
+
+# Every count and size flag of every sub-command, with the rest of the command valid.
+BASE_ARGV: dict[str, tuple[str, ...]] = {
+    "analyze": ("analyze", "{model}", "--output", "out"),
+    "compress": ("compress", "{model}", "--recipe", "{recipe}", "--output", "out"),
+    "eval": ("eval", "{model}"),
+    "ablate": ("ablate", "{model}", "--output-dir", "out"),
+    "pairs": ("pairs", "{model}", "--layer", "0", "--output-dir", "out"),
+    "demo": ("demo", "{model}", "--output", "out"),
+}
+COUNT_FLAGS: dict[str, tuple[str, ...]] = {
+    "analyze": ("--windows", "--batch-size", "--pairs"),
+    "compress": ("--num-calibration-samples",),
+    "eval": ("--windows", "--batch-size"),
+    "ablate": (
+        "--calibration-windows",
+        "--eval-windows",
+        "--batch-size",
+        "--random-repeats",
+        "--histogram-neurons",
+        "--histogram-windows",
+    ),
+    "pairs": (
+        "--windows",
+        "--num-pairs",
+        "--neurons",
+        "--pairs-per-neuron",
+        "--plot-neurons",
+        "--batch-size",
+    ),
+    "demo": ("--experts", "--calibration-samples", "--eval-windows"),
+}
+ARGUMENT_CASES = [
+    Case(
+        f"{command}{flag}={value}",
+        f"`{flag} -3` or `{flag} 0`",
+        (*BASE_ARGV[command], flag, value),
+        f"argument {flag}: must be a positive integer, got {value}",
+    )
+    for command, flags in COUNT_FLAGS.items()
+    for flag in flags
+    for value in ("-3", "0")
+]
+ARGUMENT_CASES += [
+    Case(f"{command}--seq-len=1", "`--seq-len 1`", (*BASE_ARGV[command], "--seq-len", "1"), "got 1")
+    for command in BASE_ARGV
+]
+ARGUMENT_CASES += [
+    Case(
+        f"{command}--seq-len-too-long",
+        "`--seq-len 1024` on a model of 256 positions",
+        (*BASE_ARGV[command], "--seq-len", "1024"),
+        "longer than the model's maximum of 256 positions",
+    )
+    for command in BASE_ARGV
+]
+ARGUMENT_CASES += [
+    Case(
+        "ablate--percents=0", "`ablate --percents 0`", (*BASE_ARGV["ablate"], "--percents", "0"), "(0, 100]"
+    ),
+    Case(
+        "ablate--percents=150",
+        "`ablate --percents 150`",
+        (*BASE_ARGV["ablate"], "--percents", "150"),
+        "(0, 100]",
+    ),
+    Case("demo--sparsity=1.5", "`demo --sparsity 1.5`", (*BASE_ARGV["demo"], "--sparsity", "1.5"), "[0, 1)"),
+    Case(
+        "analyze--windows=x",
+        "`analyze --windows many`",
+        (*BASE_ARGV["analyze"], "--windows", "many"),
+        "integer",
+    ),
+    Case("analyze--seed=-1", "`analyze --seed -1`", (*BASE_ARGV["analyze"], "--seed", "-1"), ">= 0"),
+]
+
+
+def _copy_model(cwd: Path, model: Path, skip: tuple[str, ...] = ()) -> Path:
+    target = cwd / "bad"
+    target.mkdir()
+    for file in model.iterdir():
+        if file.name not in skip:
+            (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def _missing(cwd: Path, model: Path) -> None:
+    pass
+
+
+def _empty_dir(cwd: Path, model: Path) -> None:
+    (cwd / "bad").mkdir()
+
+
+def _config_only(cwd: Path, model: Path) -> None:
+    (cwd / "bad").mkdir()
+    (cwd / "bad" / "config.json").write_bytes((model / "config.json").read_bytes())
+
+
+def _garbage_config(cwd: Path, model: Path) -> None:
+    (_copy_model(cwd, model) / "config.json").write_text("{not json")
+
+
+def _truncated_weights(cwd: Path, model: Path) -> None:
+    weights = _copy_model(cwd, model) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _garbage_weights(cwd: Path, model: Path) -> None:
+    (_copy_model(cwd, model) / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+
+
+def _no_tokenizer(cwd: Path, model: Path) -> None:
+    _copy_model(cwd, model, skip=("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"))
+
+
+MODEL_PROBLEMS = [
+    ("a relative path that does not exist", "./missing-model", _missing, "does not exist"),
+    (
+        "`org/name` that is neither a local directory nor reachable on the hub",
+        "runs/missing",
+        _missing,
+        "hub",
+    ),
+    ("a file instead of a directory", UNRELATED, _missing, "is a file"),
+    ("an empty directory", "bad", _empty_dir, "is empty"),
+    ("a directory with only config.json", "bad", _config_only, "holds no weights"),
+    ("a config.json that is not JSON", "bad", _garbage_config, "is not valid JSON"),
+    ("a truncated model.safetensors", "bad", _truncated_weights, "not a complete safetensors file"),
+    ("a garbage model.safetensors", "bad", _garbage_weights, "not a complete safetensors file"),
+    ("a model directory without tokenizer files", "bad", _no_tokenizer, "holds no tokenizer"),
+]
+MODEL_CASES = [
+    Case(
+        f"{command}-model-{index}",
+        what,
+        tuple(path if a == "{model}" else a for a in BASE_ARGV[command]),
+        expect,
+        setup=setup,
+    )
+    for index, (what, path, setup, expect) in enumerate(MODEL_PROBLEMS)
+    for command in BASE_ARGV
+]
+
+CASES = [*OUTPUT_CASES, *ARGUMENT_CASES, *MODEL_CASES]
 
 
 def tiny_model(path: Path) -> Path:
@@ -163,7 +315,7 @@ def run_case(case: Case, cwd: Path, model: Path) -> tuple[int, str]:
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / UNRELATED).write_text("keep me")
     if case.setup is not None:
-        case.setup(cwd)
+        case.setup(cwd, model)
     fill = {"model": str(model), "recipe": str(RECIPES / "sparsegpt_50.yaml"), "cwd": str(cwd)}
     argv = [a.format(**fill) for a in case.argv]
     env = {k: v.format(**fill) for k, v in case.env.items()}

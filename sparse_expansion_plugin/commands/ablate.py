@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_expansion_plugin.commands.arguments import nonnegative_int, percent, positive_int, sequence_length
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,29 +31,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, type=Path, help="new directory for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     parser.add_argument(
-        "--percents", type=float, nargs="+", default=[0.5, 1.0, 2.0, 5.0], help="p in (0, 100]"
+        "--percents", type=percent, nargs="+", default=[0.5, 1.0, 2.0, 5.0], help="p in (0, 100]"
     )
     parser.add_argument(
         "--selections", nargs="+", default=["top", "random", "bottom"], choices=["top", "random", "bottom"]
     )
     parser.add_argument("--modes", nargs="+", default=["clamp", "flip"], choices=["clamp", "flip"])
-    parser.add_argument("--calibration-windows", type=int, default=32, help="windows scored for WD")
-    parser.add_argument("--eval-windows", type=int, default=40, help="windows for perplexity")
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calibration-windows", type=positive_int, default=32, help="windows scored for WD")
+    parser.add_argument("--eval-windows", type=positive_int, default=40, help="windows for perplexity")
+    parser.add_argument("--seq-len", type=sequence_length, default=512)
     parser.add_argument(
         "--sources", default="python_docs,jargon_file", help="text sources (bundled or hub names)"
     )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random selection")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random selection")
     parser.add_argument(
-        "--random-repeats", type=int, default=1, help="random selections per p (seeds seed..)"
+        "--random-repeats", type=positive_int, default=1, help="random selections per p (seeds seed..)"
     )
-    parser.add_argument("--histogram-neurons", type=int, default=6, help="top WD neurons to plot")
+    parser.add_argument("--histogram-neurons", type=positive_int, default=6, help="top WD neurons to plot")
     parser.add_argument(
         "--histogram-layer", type=int, default=None, help="layer index (default: holder of max WD)"
     )
     parser.add_argument(
-        "--histogram-windows", type=int, default=8, help="calibration windows for the histograms"
+        "--histogram-windows", type=positive_int, default=8, help="calibration windows for the histograms"
     )
 
 
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         plot_ablation_curves,
         plot_activation_histograms,
     )
+    from sparse_expansion_plugin.data.locations import check_seq_len, checked_model_location
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
@@ -74,14 +77,16 @@ def run(args: argparse.Namespace) -> int:
     for p in args.percents:
         check_percent(p)
     check_output_dir(args.output_dir, args.overwrite, [args.model])
+    location = checked_model_location(args.model)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(location)
     targets = ablation_targets(model)
     if args.histogram_layer is not None and not -len(targets) <= args.histogram_layer < len(targets):
         raise ValueError(
             f"--histogram-layer {args.histogram_layer} is out of range: the model has {len(targets)} FFN layers"
         )
+    check_seq_len(model.config.to_dict(), args.seq_len)
     calib = token_windows(tokenizer, "calibration", args.seq_len, args.calibration_windows, args.sources)
     evaluation = token_windows(tokenizer, "evaluation", args.seq_len, args.eval_windows, args.sources)
     logger.info("scoring %d FFN projections by WD on %d x %d calibration tokens", len(targets), *calib.shape)

@@ -19,6 +19,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from sparse_expansion_plugin.commands.arguments import nonnegative_int, positive_int, sequence_length
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", required=True, help="YAML recipe file (see recipes/)")
     parser.add_argument("--output", required=True, help="directory to write the compressed model to")
     parser.add_argument(
-        "--num-calibration-samples", type=int, default=32, help="calibration windows (default 32)"
+        "--num-calibration-samples", type=positive_int, default=32, help="calibration windows (default 32)"
     )
     parser.add_argument(
-        "--seq-len", type=int, default=512, help="tokens per calibration window (default 512)"
+        "--seq-len", type=sequence_length, default=512, help="tokens per calibration window (default 512)"
     )
     parser.add_argument(
         "--calibration-text",
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration sources, comma-separated: python_docs, jargon_file (bundled) or wikitext2, c4 (hub)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed for anything random in the recipe's modifiers"
+        "--seed", type=nonnegative_int, default=0, help="seed for anything random in the recipe's modifiers"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
@@ -81,17 +83,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from sparse_expansion_plugin.compression import run_oneshot
-    from sparse_expansion_plugin.data import load_model_and_tokenizer
+    from sparse_expansion_plugin.data.locations import checked_model_location
+    from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.modifiers.recipes import load_recipe
     from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
     output = check_output_dir(args.output, args.overwrite, [args.model])
-    if args.num_calibration_samples < 1 or args.seq_len < 2:
-        raise ValueError("--num-calibration-samples must be >= 1 and --seq-len >= 2")
     recipe = load_recipe(args.recipe)
     logger.info("recipe %s: %s", args.recipe, ", ".join(type(m).__name__ for m in recipe.modifiers))
+    location = checked_model_location(args.model, args.seq_len)
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(location)
     seconds = run_oneshot(
         model, tokenizer, recipe, args.num_calibration_samples, args.seq_len, args.seed, args.calibration_text
     )

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from sparse_expansion_plugin.commands.arguments import (
+    nonnegative_int,
+    positive_int,
+    sequence_length,
+    sparsity,
+)
 from sparse_expansion_plugin.demo import DemoConfig
 
 
@@ -14,25 +20,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output", "-o", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--sparsity", type=float, default=defaults.sparsity)
+    parser.add_argument("--sparsity", type=sparsity, default=defaults.sparsity)
     parser.add_argument(
-        "--experts", type=int, default=defaults.num_experts, help="Sparse Expansion experts (default 16)"
+        "--experts",
+        type=positive_int,
+        default=defaults.num_experts,
+        help="Sparse Expansion experts (default 16)",
     )
-    parser.add_argument("--calibration-samples", type=int, default=defaults.calibration_samples)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
+    parser.add_argument("--seq-len", type=sequence_length, default=defaults.seq_len)
     parser.add_argument(
-        "--eval-windows", type=int, default=defaults.eval_windows, help="held-out windows per text kind"
+        "--eval-windows",
+        type=positive_int,
+        default=defaults.eval_windows,
+        help="held-out windows per text kind",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
 
 
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.demo import run_demo
-    from sparse_expansion_plugin.outputs import check_output_dir
 
-    if not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    check_output_dir(args.output, args.overwrite, [args.model])
     config = DemoConfig(
         model=args.model,
         sparsity=args.sparsity,

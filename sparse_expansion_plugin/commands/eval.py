@@ -18,6 +18,8 @@ from typing import TypedDict
 
 import torch
 
+from sparse_expansion_plugin.commands.arguments import positive_int, sequence_length
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,15 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model", metavar="MODEL_OR_DIR", help="smollm2-135m (embedded default), a saved dir, or a hub name"
     )
     parser.add_argument(
-        "--windows", type=int, default=None, help="number of windows (default: every full window)"
+        "--windows", type=positive_int, default=None, help="number of windows (default: every full window)"
     )
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument(
+        "--seq-len", type=sequence_length, default=512, help="tokens per window (default 512)"
+    )
     parser.add_argument(
         "--sources",
         default="python_docs,jargon_file",
         help="comma-separated text sources (default: both bundled ones)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="weights dtype (default float32)"
@@ -56,22 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 
 
-def load_for_eval(name_or_dir: str, dtype: torch.dtype, device: str):
+def load_for_eval(name_or_dir: str | Path, dtype: torch.dtype, device: str):
     """(model, tokenizer) of a dense, pruned or expanded model, ready for ``token_perplexity``."""
-    from sparse_expansion_plugin.data.models import load_model_and_tokenizer, resolve_model_path
-    from sparse_expansion_plugin.evaluation.lm_eval_model import (
-        check_model_dir,
-        expanded_loader,
-        is_expanded,
-    )
+    from sparse_expansion_plugin.data.locations import checked_model_location
+    from sparse_expansion_plugin.data.models import load_model_and_tokenizer
+    from sparse_expansion_plugin.sparse_expansion.model import is_expanded_dir, load_expanded
 
-    path = resolve_model_path(name_or_dir)
-    check_model_dir(path)
-    if not is_expanded(path):
+    path = checked_model_location(name_or_dir)
+    if not (isinstance(path, Path) and is_expanded_dir(path)):
         return load_model_and_tokenizer(path, dtype=dtype, device=device)
     from transformers import AutoTokenizer
 
-    model = expanded_loader()(path, device=device, dtype=dtype).eval()
+    model = load_expanded(path, device=device, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -128,6 +130,7 @@ def format_table(rows: list[PerplexityRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sparse_expansion_plugin.data.locations import checked_model_location
     from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
     from sparse_expansion_plugin.evaluation.task_docs import parse_sources
     from sparse_expansion_plugin.outputs import atomic_write_text
@@ -142,10 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"unknown text source(s) {unknown}; choose from {', '.join(SOURCES + tuple(HUB_DATASETS))}"
         )
-    if args.seq_len < 2 or args.batch_size < 1 or (args.windows is not None and args.windows < 1):
-        raise ValueError("--seq-len must be >= 2, --batch-size >= 1 and --windows >= 1")
+    location = checked_model_location(args.model, args.seq_len)
     start = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, DTYPES[args.dtype], args.device)
+    model, tokenizer = load_for_eval(location, DTYPES[args.dtype], args.device)
     logger.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
     start = time.perf_counter()
     rows = perplexity_table(model, tokenizer, args.seq_len, args.windows, sources, args.batch_size)

@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from sparse_expansion_plugin.commands.arguments import nonnegative_int, positive_int, sequence_length
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,33 +31,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-dir", required=True, type=Path, help="new directory for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    parser.add_argument("--windows", type=int, default=16, help="text windows the pairs are drawn from")
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument(
+        "--windows", type=positive_int, default=16, help="text windows the pairs are drawn from"
+    )
+    parser.add_argument("--seq-len", type=sequence_length, default=512)
     parser.add_argument("--split", default="evaluation", choices=["calibration", "evaluation"])
     parser.add_argument(
         "--sources", default="python_docs,jargon_file", help="text sources (bundled or hub names)"
     )
-    parser.add_argument("--num-pairs", type=int, default=1000, help="random token pairs (2x distinct tokens)")
-    parser.add_argument("--neurons", type=int, default=10, help="most entangled neurons per layer (by MD)")
-    parser.add_argument("--pairs-per-neuron", type=int, default=10, help="highest-OI pairs kept per neuron")
+    parser.add_argument(
+        "--num-pairs", type=positive_int, default=1000, help="random token pairs (2x distinct tokens)"
+    )
+    parser.add_argument(
+        "--neurons", type=positive_int, default=10, help="most entangled neurons per layer (by MD)"
+    )
+    parser.add_argument(
+        "--pairs-per-neuron", type=positive_int, default=10, help="highest-OI pairs kept per neuron"
+    )
     parser.add_argument(
         "--projection", default=None, help="FFN input to analyse, e.g. up_proj (default: gate)"
     )
-    parser.add_argument("--plot-neurons", type=int, default=4, help="neurons drawn in pairs.png")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot-neurons", type=positive_int, default=4, help="neurons drawn in pairs.png")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.analysis.ablation_plots import plot_neuron_pairs, plot_zscores
     from sparse_expansion_plugin.analysis.pairs import analyze_pairs, pair_modules, pair_records
+    from sparse_expansion_plugin.data.locations import checked_model_location
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite, [args.model])
+    location = checked_model_location(args.model, args.seq_len)
     started = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(location)
     names = pair_modules(model, args.projection)
     if not -len(names) <= args.layer < len(names):
         raise ValueError(

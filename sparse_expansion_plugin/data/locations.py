@@ -199,17 +199,39 @@ def max_positions(config: dict) -> int | None:
     return None
 
 
-def check_seq_len(location: Path | str, seq_len: int, flag: str = "--seq-len") -> None:
-    """Refuse ``seq_len`` above the model's maximum positions (local directories; hub names unchecked).
+def check_seq_len(model: Path | str | dict, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse ``seq_len`` above the model's maximum positions.
 
+    ``model``: a local directory, a config dict (``model.config.to_dict()``,
+    e.g. for a hub model once loaded), or a hub name (unchecked: no network).
     Why: past its limit a RoPE model silently extrapolates and GPT-2 fails
     with an ``IndexError`` deep inside the forward, after calibration.
     """
-    if not isinstance(location, Path):
+    if isinstance(model, str):
         return
-    limit = max_positions(read_config(location))
+    config = read_config(model) if isinstance(model, Path) else model
+    limit = max_positions(config)
     if limit is not None and seq_len > limit:
+        where = f" ({model / 'config.json'})" if isinstance(model, Path) else ""
         raise ModelLocationError(
-            f"{flag} {seq_len} is longer than the model's maximum of {limit} positions "
-            f"({location / 'config.json'}); use {flag} {limit} or less"
+            f"{flag} {seq_len} is longer than the model's maximum of {limit} positions{where}; "
+            f"use {flag} {limit} or less"
         )
+
+
+def checked_model_location(
+    name_or_path: str | os.PathLike[str] | None, seq_len: int | None = None, flag: str = "--seq-len"
+) -> Path | str:
+    """:func:`resolve_model_location`, then the cheap checks every command runs before any long work.
+
+    A local directory is checked with :func:`check_model_dir` and, with
+    ``seq_len``, against the model's maximum positions (:func:`check_seq_len`).
+    Hub names are returned unchecked (no network here); the loader's error
+    names them if they cannot be fetched.
+    """
+    location = resolve_model_location(name_or_path)
+    if isinstance(location, Path):
+        check_model_dir(location)
+        if seq_len is not None:
+            check_seq_len(location, seq_len, flag)
+    return location
