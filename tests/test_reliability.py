@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_reliability_recipes as recipes
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 UNRELATED = "notes.txt"
 
@@ -276,7 +278,52 @@ MODEL_CASES = [
     for command in BASE_ARGV
 ]
 
-CASES = [*OUTPUT_CASES, *ARGUMENT_CASES, *MODEL_CASES]
+
+def _recipe_writer(text: str) -> Callable[[Path, Path], None]:
+    def write(cwd: Path, model: Path) -> None:
+        (cwd / "recipe.yaml").write_text(text)
+
+    return write
+
+
+RECIPE_CASES = [
+    Case(
+        f"recipe-{name}",
+        what,
+        ("compress", "{model}", "--recipe", "recipe.yaml", "--output", "out"),
+        expect,
+        setup=_recipe_writer(text),
+    )
+    for name, what, text, expect in [
+        (
+            "se+sparsegpt",
+            "a recipe with SparseGPT (`targets: [Linear]`) and Sparse Expansion",
+            recipes.one_stage(recipes.SGPT, recipes.SE),
+            "experts would come out identical",
+        ),
+        (
+            "se+fp8",
+            "a recipe with Sparse Expansion then QuantizationModifier (FP8)",
+            recipes.two_stages(recipes.SE, recipes.FP8),
+            "does not support quantization",
+        ),
+        (
+            "wd+fp8",
+            "a recipe with WD-aware SparseGPT and QuantizationModifier (FP8)",
+            recipes.one_stage(recipes.WD, recipes.FP8),
+            "separate recipe on the pruned dense model",
+        ),
+        ("flat", "a flat recipe (no stage)", "SparseGPTModifier:\n  sparsity: 0.5\n", "not stages"),
+        (
+            "mask",
+            "`mask_structure: '2-4'`",
+            "s_stage:\n  s_modifiers:\n    SparseGPTModifier:\n      mask_structure: '2-4'\n",
+            "mask_structure must look like 'N:M'",
+        ),
+    ]
+]
+
+CASES = [*OUTPUT_CASES, *ARGUMENT_CASES, *MODEL_CASES, *RECIPE_CASES]
 
 
 def tiny_model(path: Path) -> Path:
