@@ -364,3 +364,14 @@ def test_empty_input_and_meta_device_like_nn_linear(expanded_tiny):
     meta = copy.deepcopy(expanded_tiny).to("meta")
     out = meta(torch.randint(3, 128, (2, 5), device="meta"))
     assert out.logits.shape == (2, 5, 128) and out.logits.device.type == "meta"
+
+
+def test_lm_eval_hf_without_remote_code_refuses(expanded_tiny, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR` used to score random MLPs; now it must refuse."""
+    from lm_eval.models.huggingface import HFLM
+
+    from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM  # noqa: F401 (ours imported too)
+
+    out = save_expanded(expanded_tiny, None, tmp_path / "se")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        HFLM(pretrained=str(out), device="cpu")

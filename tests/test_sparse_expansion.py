@@ -380,3 +380,25 @@ def test_streaming_with_a_sample_holding_every_token_equals_keeping_everything()
     big_sample, *_ = _fed_modifier(batches, router_fit_tokens=10**6)
     for a, b in zip(expanded_linears(keep_all).values(), expanded_linears(big_sample).values(), strict=True):
         assert torch.equal(a.values, b.values) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize(
+    "targets,ignore",
+    [
+        (["Linear"], ["re:.*lm_head"]),  # llm-compressor's usual spelling: every linear but lm_head
+        ([r"re:.*mlp\.(gate|up|down)_proj$"], []),
+        (["re:.*layers\\.1\\..*"], ["re:.*self_attn.*"]),  # a decoder layer as the target, attention ignored
+    ],
+)
+def test_targets_and_ignore_mean_what_they_mean_for_stock_sparsegpt(tiny_dir, targets, ignore):
+    """Same spellings, same modules: the linears stock SparseGPT prunes are the ones we expand."""
+    stock_model = compress(tiny_dir, [SparseGPTModifier(sparsity=0.5, targets=targets, ignore=ignore)])
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    pruned = {
+        name
+        for name, module in stock_model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not torch.equal(module.weight, dense.get_submodule(name).weight)
+    }
+    ours = compress(tiny_dir, [SparseExpansionModifier(num_experts=2, targets=targets, ignore=ignore)])
+    assert pruned and set(expanded_linears(ours)) == pruned

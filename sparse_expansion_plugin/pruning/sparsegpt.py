@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from sparse_expansion_plugin.pruning.structure import check_prune_nm
+
 logger = logging.getLogger(__name__)
 
 SGPT_PRECISION = torch.float32
@@ -182,8 +184,7 @@ def sparsegpt_prune(
             f"weight must be [out, n] or [E, out, n] and hessian [n, n] or [E, n, n]; "
             f"got {tuple(weight.shape)} and {tuple(hessian.shape)}"
         )
-    if (prune_n == 0) != (prune_m == 0) or prune_n < 0 or (prune_m and prune_n >= prune_m):
-        raise ValueError(f"N:M structure needs 0 < N < M (or 0:0 for unstructured), got {prune_n}:{prune_m}")
+    check_prune_nm(prune_n, prune_m)
     out_dtype = weight.dtype
     W = weight.to(dtype=SGPT_PRECISION)
     H = hessian.to(device=W.device, dtype=SGPT_PRECISION)
