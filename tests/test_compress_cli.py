@@ -104,6 +104,73 @@ def test_overwrite_replaces_an_output_we_wrote(tiny_dir, tmp_path):
     assert (output / "config.json").is_file() and (output / "model.safetensors").read_bytes() != first
 
 
+TWO_STAGES = r"""attention_stage:
+  attention_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      targets: ['re:.*self_attn\..*_proj$']
+mlp_stage:
+  mlp_modifiers:
+    WassersteinSparseGPTModifier:
+      sparsity: 0.7
+      targets: ['re:.*mlp\..*_proj$']
+"""
+
+
+def test_saved_directory_says_exactly_what_produced_it(tiny_dir, tmp_path):
+    """Both stages under their own names, the CLI seed and calibration recorded; rerunning from them reproduces it."""
+    import json
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(TWO_STAGES)
+    settings = [
+        "--seed",
+        "3",
+        "--num-calibration-samples",
+        "3",
+        "--seq-len",
+        "48",
+        "--calibration-text",
+        "jargon_file",
+    ]
+    argv = ["compress", str(tiny_dir), "--recipe", str(recipe), "--output", str(tmp_path / "out"), *settings]
+    assert main(argv) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved == yaml.safe_load(TWO_STAGES)
+    record = json.loads((tmp_path / "out" / "sparse_expansion_run.json").read_text())
+    assert record["argv"] == ["sparse-expansion", *argv]
+    assert record["seed"] == 3
+    assert record["calibration"] == {
+        "num_samples": 3,
+        "seq_len": 48,
+        "sources": ["jargon_file"],
+        "split": "calibration",
+    }
+    assert [m["type"] for m in record["modifiers"]] == ["SparseGPTModifier", "WassersteinSparseGPTModifier"]
+    assert [m["fields"]["sparsity"] for m in record["modifiers"]] == [0.5, 0.7]
+    assert record["versions"]["llmcompressor"].startswith("0.14")
+    # What the directory records is enough to make it again, bit for bit.
+    again = [
+        "compress",
+        record["model_location"],
+        "--recipe",
+        str(tmp_path / "out" / "recipe.yaml"),
+        "--output",
+        str(tmp_path / "again"),
+        "--seed",
+        str(record["seed"]),
+        "--num-calibration-samples",
+        str(record["calibration"]["num_samples"]),
+        "--seq-len",
+        str(record["calibration"]["seq_len"]),
+        "--calibration-text",
+        ",".join(record["calibration"]["sources"]),
+    ]
+    assert main(again) == 0
+    first, second = (tmp_path / d / "model.safetensors" for d in ("out", "again"))
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_bad_recipe_fails_before_loading_the_model(tmp_path, capsys):
     flat = tmp_path / "flat.yaml"
     flat.write_text("SparseGPTModifier:\n  sparsity: 0.5\n")

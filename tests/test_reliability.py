@@ -207,6 +207,12 @@ ARGUMENT_CASES += [
         (*BASE_ARGV["analyze"], "--windows", "many"),
         "integer",
     ),
+    Case(
+        "compress--calibration-text",
+        "`compress --calibration-text wikipedia`",
+        (*BASE_ARGV["compress"], "--calibration-text", "wikipedia"),
+        "unknown source",
+    ),
     Case("analyze--seed=-1", "`analyze --seed -1`", (*BASE_ARGV["analyze"], "--seed", "-1"), ">= 0"),
 ]
 

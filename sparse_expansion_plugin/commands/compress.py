@@ -9,15 +9,25 @@ replaced only with ``--overwrite``. A pruned model is saved as a plain
 Hugging Face directory (dense weights with zeros; sparse formats are gone
 from compressed-tensors) that reloads with
 ``AutoModelForCausalLM.from_pretrained``; a model with Sparse Expansion
-layers is saved with ``save_expanded``. ``recipe.yaml`` goes next to the
-weights either way.
+layers is saved with ``save_expanded``. Next to the weights either way, so
+the directory says exactly what produced it: ``recipe.yaml`` (the validated
+recipe as given, every stage under its own name; llm-compressor's own
+serialisation merges stages under the last one's name) and
+``sparse_expansion_run.json`` (command line, effective seed, calibration
+settings, package and library versions, every modifier's effective fields).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
+import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from sparse_expansion_plugin.commands.arguments import nonnegative_int, positive_int, sequence_length
 
@@ -50,8 +60,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
 
 
-def _save(model, tokenizer, recipe, staging: Path) -> Path:
-    """Write the model, tokenizer and recipe into ``staging/model``; return that path.
+RUN_RECORD = "sparse_expansion_run.json"
+LIBRARIES = ("sparse-expansion-plugin", "llmcompressor", "compressed-tensors", "transformers", "torch")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def run_record(
+    args: argparse.Namespace, location: Path | str, recipe: Any, sources: list[str], seconds: float
+) -> dict[str, Any]:
+    """What produced a compressed directory: written as ``sparse_expansion_run.json`` beside the weights.
+
+    ``recipe`` is the instantiated ``Recipe``; its modifiers' fields are
+    recorded with their defaults filled in (what ran, not only what was written).
+    """
+    modifiers = [
+        {
+            "type": type(m).__name__,
+            "group": getattr(m, "group", None),
+            "fields": {
+                k: v for k, v in m.model_dump().items() if not k.endswith("_") and k not in ("index", "group")
+            },
+        }
+        for m in recipe.modifiers
+    ]
+    return {
+        "command": "compress",
+        "argv": ["sparse-expansion", *sys.argv[1:]],
+        "model": str(args.model),
+        "model_location": str(location),
+        "recipe_file": str(Path(args.recipe).absolute()) if Path(args.recipe).is_file() else None,
+        "seed": args.seed,
+        "calibration": {
+            "num_samples": args.num_calibration_samples,
+            "seq_len": args.seq_len,
+            "sources": sources,
+            "split": "calibration",
+        },
+        "versions": _versions(),
+        "modifiers": modifiers,
+        "oneshot_seconds": round(seconds, 3),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _write_provenance(target: Path, recipe_dict: dict[str, Any], record: dict[str, Any]) -> None:
+    header = (
+        f"# Recipe run by `sparse-expansion compress` with --seed {record['seed']} "
+        f"(torch's global seed before oneshot; a modifier's own `seed` field is its own).\n"
+        f"# Full provenance (command line, calibration, versions): {RUN_RECORD}\n"
+    )
+    (target / "recipe.yaml").write_text(header + yaml.safe_dump(recipe_dict, sort_keys=False))
+    (target / RUN_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _save(model, tokenizer, recipe_dict: dict[str, Any], record: dict[str, Any], staging: Path) -> Path:
+    """Write the model, tokenizer, recipe and run record into ``staging/model``; return that path.
 
     The one place that knows about expanded models: everything else is a plain
     ``save_pretrained`` of the class's own method (not llm-compressor's wrapper,
@@ -74,7 +148,7 @@ def _save(model, tokenizer, recipe, staging: Path) -> Path:
     else:
         type(model).save_pretrained(model, target)
         tokenizer.save_pretrained(target)
-    recipe.yaml(file_path=str(target / "recipe.yaml"))
+    _write_provenance(target, recipe_dict, record)
     write_marker(target, command="compress")
     return target
 
@@ -85,24 +159,34 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.compression import run_oneshot
     from sparse_expansion_plugin.data.locations import checked_model_location
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
-    from sparse_expansion_plugin.modifiers.recipes import load_recipe
+    from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
+    from sparse_expansion_plugin.evaluation.task_docs import parse_sources
+    from sparse_expansion_plugin.modifiers.recipes import load_recipe, validated_recipe_dict
     from sparse_expansion_plugin.outputs import check_output_dir, publish_dir, staging_dir
 
     output = check_output_dir(args.output, args.overwrite, [args.model])
-    recipe = load_recipe(args.recipe)
+    recipe_dict = validated_recipe_dict(args.recipe)
+    recipe = load_recipe(recipe_dict)
     logger.info("recipe %s: %s", args.recipe, ", ".join(type(m).__name__ for m in recipe.modifiers))
+    sources = list(parse_sources(args.calibration_text))
+    unknown = [s for s in sources if s not in SOURCES and s not in HUB_DATASETS]
+    if unknown:
+        raise ValueError(
+            f"--calibration-text: unknown source(s) {unknown}; choose from {', '.join(SOURCES + tuple(HUB_DATASETS))}"
+        )
     location = checked_model_location(args.model, args.seq_len)
 
     model, tokenizer = load_model_and_tokenizer(location)
     seconds = run_oneshot(
-        model, tokenizer, recipe, args.num_calibration_samples, args.seq_len, args.seed, args.calibration_text
+        model, tokenizer, recipe, args.num_calibration_samples, args.seq_len, args.seed, tuple(sources)
     )
     logger.info("oneshot took %.1f s", seconds)
+    record = run_record(args, location, recipe, sources, seconds)
 
     with staging_dir(output) as staging:
         # Checked before calibration; checked again now, as an output may have appeared since.
         check_output_dir(output, args.overwrite, [args.model])
-        publish_dir(_save(model, tokenizer, recipe, staging), output, replace=args.overwrite)
+        publish_dir(_save(model, tokenizer, recipe_dict, record, staging), output, replace=args.overwrite)
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     total = sum(m.weight.numel() for m in linears)
