@@ -402,3 +402,35 @@ def test_targets_and_ignore_mean_what_they_mean_for_stock_sparsegpt(tiny_dir, ta
     }
     ours = compress(tiny_dir, [SparseExpansionModifier(num_experts=2, targets=targets, ignore=ignore)])
     assert pruned and set(expanded_linears(ours)) == pruned
+
+
+def test_disk_offloaded_compression_equals_in_memory(tiny_dir, expanded4, tmp_path):
+    """Every module offloaded to disk (compressed-tensors' DiskCache), as a model too big for memory
+    would be: the expanded model equals the in-memory one, and its experts and routers are attached
+    offloaded too (a bare setattr would leave them resident for good)."""
+    from compressed_tensors.offload import offload_module
+    from compressed_tensors.offload.cache import DiskCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    for module in model.modules():
+        offload_module(module, "cpu", "disk", offload_dir=str(tmp_path))
+    torch.manual_seed(0)
+    oneshot(
+        model=model,
+        processor=tiny_tokenizer(),
+        dataset=calibration(16, 32),
+        recipe=[SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)],
+        num_calibration_samples=16,
+        max_seq_length=32,
+    )
+    model.eval()
+    layers = expanded_linears(model)
+    assert sorted(layers) == sorted(MLP)
+    assert all(isinstance(layer._buffers, DiskCache) for layer in layers.values())
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.se_router._buffers, DiskCache) and isinstance(
+        mlp.down_proj.router._buffers, DiskCache
+    )
+    ids = torch.tensor(calibration(2, 16, seed=5)["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expanded4(ids).logits, rtol=0, atol=0)

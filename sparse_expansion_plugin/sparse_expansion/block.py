@@ -54,10 +54,28 @@ def _drop_routing(block: nn.Module, _args: tuple[Any, ...], _output: Any) -> Non
         layer.block_routing = None
 
 
+def _attach(parent: nn.Module, leaf: str, module: nn.Module) -> None:
+    """``parent.<leaf> = module``, offloaded like ``parent`` when it is (compressed-tensors' offload API).
+
+    Why: under llm-compressor's sequential pipeline every module lives in an ``OffloadCache``
+    (CPU or disk) and is onloaded per subgraph; a module attached with a bare ``setattr``
+    would stay on the GPU for good. Its own router is attached the same way.
+    """
+    from compressed_tensors.offload import register_offload_module
+
+    router = module._modules.get("router") if isinstance(module, ExpandedLinear) else None
+    if router is not None:
+        del module._modules["router"]
+    if leaf in parent._modules:
+        del parent._modules[leaf]
+    register_offload_module(parent, leaf, module)
+    if router is not None:
+        register_offload_module(module, "router", router)
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
+    _attach(root.get_submodule(parent_name) if parent_name else root, leaf, module)
 
 
 def install_expanded_block(
@@ -82,7 +100,9 @@ def install_expanded_block(
     for name, layer in linears.items():
         _set_submodule(block, name, layer)
     if router is not None:
-        block.add_module(BLOCK_ROUTER, router)
+        if BLOCK_ROUTER in block._modules:
+            del block._modules[BLOCK_ROUTER]
+        _attach(block, BLOCK_ROUTER, router)
     if block_routed:
         setattr(block, _ROUTED, list(dict.fromkeys([*getattr(block, _ROUTED, []), *block_routed])))
         if _hand_routing not in block._forward_pre_hooks.values():  # hooks are plain functions: deepcopy-safe

@@ -43,7 +43,7 @@ class ExpandedLinear(nn.Module):
     nnz: Tensor
     bias: nn.Parameter | None
     router: ExpertRouter | None
-    dense_experts: Tensor | None  # non-persistent buffer: ``[K, in, out]`` when materialized
+    dense_experts: Tensor | None  # ``[K, in, out]`` when materialized: a plain attribute, never saved
 
     def __init__(
         self,
@@ -73,7 +73,9 @@ class ExpandedLinear(nn.Module):
         self.register_buffer("nnz", torch.zeros(num_experts, dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self.router = router
-        self.register_buffer("dense_experts", None, persistent=False)
+        # not a buffer: an offloaded module (compressed-tensors' OffloadCache) must not write
+        # temporary dense copies to its offload device; `_apply` moves it with the module instead
+        self.dense_experts = None
         self.block_routing: Routing | None = None  # set by the MLP block for one call (block.py)
         self._offsets: list[int] | None = None  # where each expert's values start (host ints)
 
@@ -112,6 +114,12 @@ class ExpandedLinear(nn.Module):
         if bias is not None and layer.bias is not None:  # built with a bias exactly when one is given
             layer.bias.data.copy_(bias.detach())
         return layer
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        if self.dense_experts is not None:
+            self.dense_experts = fn(self.dense_experts)
+        return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
