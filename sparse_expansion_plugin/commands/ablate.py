@@ -17,8 +17,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from sparse_expansion_plugin.commands.arguments import nonnegative_int, percent, positive_int, sequence_length
 
 logger = logging.getLogger(__name__)
@@ -58,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from sparse_expansion_plugin.analysis.ablation import (
         ablation_targets,
         check_percent,

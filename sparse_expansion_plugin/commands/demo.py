@@ -1,4 +1,9 @@
-"""``sparse-expansion demo``: analyse, compress (SparseGPT, Sparse Expansion), evaluate, one table."""
+"""``sparse-expansion demo``: analyse, compress (SparseGPT, Sparse Expansion), evaluate, one table.
+
+Sizes left unset on the command line take ``DemoConfig``'s defaults (the one
+place they live); the config is imported only when the command runs, since
+it pulls in torch and llm-compressor and ``--help`` must stay instant.
+"""
 
 from __future__ import annotations
 
@@ -10,45 +15,36 @@ from sparse_expansion_plugin.commands.arguments import (
     sequence_length,
     sparsity,
 )
-from sparse_expansion_plugin.demo import DemoConfig
+from sparse_expansion_plugin.data.locations import DEFAULT_MODEL
+
+# flag destination -> DemoConfig field
+FIELDS = {
+    "sparsity": "sparsity",
+    "experts": "num_experts",
+    "calibration_samples": "calibration_samples",
+    "seq_len": "seq_len",
+    "eval_windows": "eval_windows",
+    "seed": "seed",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = DemoConfig()
     parser.add_argument(
-        "model", nargs="?", default=defaults.model, help="HF name, dir, or 'smollm2-135m' (default, offline)"
+        "model", nargs="?", default=DEFAULT_MODEL, help="HF name, dir, or 'smollm2-135m' (default, offline)"
     )
     parser.add_argument("--output", "-o", default="runs/demo", help="output directory (default runs/demo)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--sparsity", type=sparsity, default=defaults.sparsity)
-    parser.add_argument(
-        "--experts",
-        type=positive_int,
-        default=defaults.num_experts,
-        help="Sparse Expansion experts (default 16)",
-    )
-    parser.add_argument("--calibration-samples", type=positive_int, default=defaults.calibration_samples)
-    parser.add_argument("--seq-len", type=sequence_length, default=defaults.seq_len)
-    parser.add_argument(
-        "--eval-windows",
-        type=positive_int,
-        default=defaults.eval_windows,
-        help="held-out windows per text kind",
-    )
-    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    parser.add_argument("--overwrite", action="store_true", help="replace an output directory the demo wrote")
+    parser.add_argument("--sparsity", type=sparsity, help="fraction of FFN weights pruned, in [0, 1)")
+    parser.add_argument("--experts", type=positive_int, help="Sparse Expansion experts per FFN")
+    parser.add_argument("--calibration-samples", type=positive_int, help="calibration windows")
+    parser.add_argument("--seq-len", type=sequence_length, help="tokens per window")
+    parser.add_argument("--eval-windows", type=positive_int, help="held-out windows per text kind")
+    parser.add_argument("--seed", type=nonnegative_int)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparse_expansion_plugin.demo import run_demo
+    from sparse_expansion_plugin.demo import DemoConfig, run_demo
 
-    config = DemoConfig(
-        model=args.model,
-        sparsity=args.sparsity,
-        num_experts=args.experts,
-        calibration_samples=args.calibration_samples,
-        seq_len=args.seq_len,
-        eval_windows=args.eval_windows,
-        seed=args.seed,
-    )
-    run_demo(args.output, config, overwrite=args.overwrite)
+    given = {field: getattr(args, flag) for flag, field in FIELDS.items() if getattr(args, flag) is not None}
+    run_demo(args.output, DemoConfig(model=args.model, **given), overwrite=args.overwrite)
     return 0

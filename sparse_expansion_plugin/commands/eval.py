@@ -14,15 +14,16 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TypedDict
-
-import torch
+from typing import TYPE_CHECKING, TypedDict
 
 from sparse_expansion_plugin.commands.arguments import positive_int, sequence_length
 
+if TYPE_CHECKING:  # torch is imported when the command runs, not for --help
+    import torch
+
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes
 
 
 class PerplexityRow(TypedDict):
@@ -93,6 +94,8 @@ def perplexity_table(
     model, tokenizer, seq_len: int, num_windows: int | None, sources: tuple[str, ...], batch_size: int
 ) -> list[PerplexityRow]:
     """Rows ``{source, windows, predicted_tokens, token_perplexity}`` per source, then ``all``."""
+    import torch
+
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 
@@ -130,6 +133,8 @@ def format_table(rows: list[PerplexityRow]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from sparse_expansion_plugin.data.locations import checked_model_location
     from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
     from sparse_expansion_plugin.evaluation.task_docs import parse_sources
@@ -147,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         )
     location = checked_model_location(args.model, args.seq_len)
     start = time.perf_counter()
-    model, tokenizer = load_for_eval(location, DTYPES[args.dtype], args.device)
+    model, tokenizer = load_for_eval(location, getattr(torch, args.dtype), args.device)
     logger.info("loaded %s in %.1f s", args.model, time.perf_counter() - start)
     start = time.perf_counter()
     rows = perplexity_table(model, tokenizer, args.seq_len, args.windows, sources, args.batch_size)
