@@ -171,6 +171,21 @@ def check_output_dir(
     return out
 
 
+def check_output_file(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse an output file ``path`` that exists (unless ``overwrite``), is a directory, or cannot be written.
+
+    The file counterpart of :func:`check_output_dir`, for single-file outputs
+    (``eval --json``): call it before the work, not after.
+    """
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a directory; give a file path (e.g. {out / 'results.json'})")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it or choose another path")
+    _check_writable(out)
+    return out
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

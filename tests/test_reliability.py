@@ -213,6 +213,18 @@ ARGUMENT_CASES += [
         (*BASE_ARGV["compress"], "--calibration-text", "wikipedia"),
         "unknown source",
     ),
+    Case(
+        "eval--json-unwritable",
+        "`eval --json /proc/ppl.json` (a location nobody can write)",
+        (*BASE_ARGV["eval"], "--json", "/proc/ppl.json"),
+        "not writable",
+    ),
+    Case(
+        "eval--json-directory",
+        "`eval --json DIR` (a directory)",
+        (*BASE_ARGV["eval"], "--json", "."),
+        "is a directory",
+    ),
     Case("analyze--seed=-1", "`analyze --seed -1`", (*BASE_ARGV["analyze"], "--seed", "-1"), ">= 0"),
 ]
 

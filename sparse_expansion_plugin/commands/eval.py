@@ -138,12 +138,10 @@ def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.data.locations import checked_model_location
     from sparse_expansion_plugin.data.text import HUB_DATASETS, SOURCES
     from sparse_expansion_plugin.evaluation.task_docs import parse_sources
-    from sparse_expansion_plugin.outputs import atomic_write_text
+    from sparse_expansion_plugin.outputs import atomic_write_text, check_output_file
 
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        raise FileExistsError(
-            f"{args.json} exists; pass --overwrite to replace it or choose another --json path"
-        )
+    if args.json is not None:
+        check_output_file(args.json, args.overwrite)
     sources = parse_sources(args.sources)
     unknown = [s for s in sources if s not in SOURCES and s not in HUB_DATASETS]
     if unknown:
