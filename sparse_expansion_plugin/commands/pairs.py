@@ -59,13 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from sparse_expansion_plugin.analysis.ablation_plots import plot_neuron_pairs, plot_zscores
     from sparse_expansion_plugin.analysis.pairs import analyze_pairs, pair_modules, pair_records
-    from sparse_expansion_plugin.data.locations import checked_model_location
+    from sparse_expansion_plugin.data.locations import check_seq_len, checked_model_location
     from sparse_expansion_plugin.data.models import load_model_and_tokenizer
     from sparse_expansion_plugin.data.text import token_windows
     from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 
     check_output_dir(args.output_dir, args.overwrite, [args.model])
-    location = checked_model_location(args.model, args.seq_len)
+    location = checked_model_location(args.model)
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(location)
     names = pair_modules(model, args.projection)
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--layer {args.layer} is out of range: the model has {len(names)} FFN layers (0..{len(names) - 1})"
         )
+    check_seq_len(model.config.to_dict(), args.seq_len)  # after --layer: both before any work
     layer = args.layer % len(names)
     windows = token_windows(tokenizer, args.split, args.seq_len, args.windows, args.sources)
     analysis = analyze_pairs(
