@@ -8,7 +8,10 @@ temporary paths shortened to ``.`` and ``MODEL``. Cases of one bad input
 (the same flag in several sub-commands, or -3 and 0) are merged into one row
 naming the sub-commands; the first case's error line stands for them all.
 
-    .venv/bin/python scripts/reliability_table.py > reliability.md
+    .venv/bin/python scripts/reliability_table.py reliability.md
+
+(With no argument the table goes to stdout, after whatever the libraries log
+there while the cases run; give a file for the table alone.)
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _command(case: Case) -> str:
     return case.argv[0]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     rows: dict[tuple[str, int], tuple[str, list[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="reliability-") as root:
         model = tiny_model(Path(root) / "model")
@@ -56,13 +59,15 @@ def main() -> int:
             )
             # One row per bad input: its first case's line stands for the others (each is asserted by its test).
             rows.setdefault((case.what, code), (line, []))[1].append(_command(case))
-    print("| bad input | sub-commands | exit | what the user gets |")
-    print("|---|---|---|---|")
+    table = ["| bad input | sub-commands | exit | what the user gets |", "|---|---|---|---|"]
     for (what, code), (line, commands) in rows.items():
-        shown = ", ".join(dict.fromkeys(commands))
-        print(f"| {what} | {shown} | {code} | `{line}` |")
+        table.append(f"| {what} | {', '.join(dict.fromkeys(commands))} | {code} | `{line}` |")
+    if argv:
+        Path(argv[0]).write_text("\n".join(table) + "\n")
+    else:
+        print("\n".join(table))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
