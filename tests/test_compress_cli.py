@@ -180,30 +180,53 @@ def test_bad_recipe_fails_before_loading_the_model(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_expanded_models_take_the_expanded_save_branch(tiny_dir, tmp_path, monkeypatch):
-    """The one branch of compress that differs for Sparse Expansion: save_expanded instead of save_pretrained."""
-    import sparse_expansion_plugin.sparse_expansion.layer as expanded
-    import sparse_expansion_plugin.sparse_expansion.model as save_load
+SE_RECIPES = sorted(p.name for p in RECIPES.glob("sparse_expansion_*.yaml"))
 
-    calls = []
 
-    def fake_save_expanded(model, tokenizer, output_dir, overwrite=False):
-        calls.append(output_dir)
-        Path(output_dir).mkdir(parents=True)
-        (Path(output_dir) / "config.json").write_text("{}")
+@pytest.mark.parametrize("recipe", SE_RECIPES)
+def test_sparse_expansion_recipes_compress_save_and_report_expert_zeros(tiny_dir, tmp_path, recipe, caplog):
+    """A Sparse Expansion recipe through the CLI: saved as an expanded model that reloads by both routes,
+    and the logged share of zeros counts every expert (0.1.0 counted attention's nn.Linear only)."""
+    import logging
+    import re
 
-    monkeypatch.setattr(expanded, "is_expanded", lambda model: True)
-    monkeypatch.setattr(save_load, "save_expanded", fake_save_expanded)
-    argv = [
-        "compress",
-        str(tiny_dir),
-        "--recipe",
-        str(RECIPES / "sparsegpt_50.yaml"),
-        "--output",
-        str(tmp_path / "o"),
-    ]
-    assert main([*argv, "--num-calibration-samples", "2", "--seq-len", "32"]) == 0
-    assert len(calls) == 1 and (tmp_path / "o" / "recipe.yaml").is_file()
+    from transformers import AutoModelForCausalLM
+
+    from sparse_expansion_plugin.sparse_expansion import is_expanded, load_expanded
+    from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
+
+    caplog.set_level(logging.INFO, logger="sparse_expansion_plugin")
+    small = tmp_path / recipe
+    small.write_text((RECIPES / recipe).read_text().replace("num_experts: 16", "num_experts: 4"))
+    output = tmp_path / "out"
+    argv = ["compress", str(tiny_dir), "--recipe", str(small), "--output", str(output)]
+    assert main([*argv, "--num-calibration-samples", "4", "--seq-len", "64"]) == 0
+    model = load_expanded(output)
+    remote = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    assert is_expanded(model) and is_expanded(remote)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, remote(input_ids=ids).logits)
+    zeros = total = layers = 0  # by hand, from each expert's dense weight
+    for name, module in model.named_modules():
+        if name.endswith("lm_head"):
+            continue
+        if isinstance(module, ExpandedLinear):
+            for k in range(module.num_experts):
+                weight = module.expert_weight(k)
+                zeros, total = zeros + int((weight == 0).sum()), total + weight.numel()
+            layers += 1
+        elif isinstance(module, torch.nn.Linear):
+            zeros, total, layers = (
+                zeros + int((module.weight == 0).sum()),
+                total + module.weight.numel(),
+                layers + 1,
+            )
+    logged = re.search(r"\(([\d.]+)% zeros in (\d+) linear layers\)", caplog.text)
+    assert logged is not None
+    assert int(logged.group(2)) == layers
+    assert abs(float(logged.group(1)) - 100 * zeros / total) < 0.01
+    assert float(logged.group(1)) > 30  # the experts' zeros dominate (attention stays dense)
 
 
 @pytest.mark.slow

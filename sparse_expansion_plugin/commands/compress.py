@@ -153,8 +153,31 @@ def _save(model, tokenizer, recipe_dict: dict[str, Any], record: dict[str, Any],
     return target
 
 
-def run(args: argparse.Namespace) -> int:
+def zero_count(model: Any) -> tuple[int, int, int]:
+    """``(zeros, weights, layers)`` over every linear but ``lm_head``, counting each expert of an
+    expanded linear (its packed values hold the kept weights; every other position is a zero)."""
     import torch
+
+    from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
+
+    zeros = total = layers = 0
+    for name, module in model.named_modules():
+        if name.endswith("lm_head"):
+            continue
+        if isinstance(module, ExpandedLinear):
+            positions = module.num_experts * module.in_features * module.out_features
+            zeros += positions - int(torch.count_nonzero(module.values))
+        elif isinstance(module, torch.nn.Linear):
+            positions = module.weight.numel()
+            zeros += int((module.weight == 0).sum())
+        else:
+            continue
+        total += positions
+        layers += 1
+    return zeros, total, layers
+
+
+def run(args: argparse.Namespace) -> int:
 
     from sparse_expansion_plugin.compression import run_oneshot
     from sparse_expansion_plugin.data.locations import checked_model_location
@@ -187,11 +210,7 @@ def run(args: argparse.Namespace) -> int:
         # Checked before calibration; checked again now, as an output may have appeared since.
         check_output_dir(output, args.overwrite, [args.model])
         publish_dir(_save(model, tokenizer, recipe_dict, record, staging), output, replace=args.overwrite)
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-    zeros = sum(int((m.weight == 0).sum()) for m in linears)
-    total = sum(m.weight.numel() for m in linears)
-    logger.info(
-        "saved %s (%.2f%% zeros in %d linear layers)", output, 100 * zeros / max(total, 1), len(linears)
-    )
+    zeros, total, layers = zero_count(model)
+    logger.info("saved %s (%.2f%% zeros in %d linear layers)", output, 100 * zeros / max(total, 1), layers)
     print(output)
     return 0
