@@ -71,24 +71,6 @@ def randomize_routing(model: torch.nn.Module, seed: int) -> None:
             router.scores = scores  # type: ignore[method-assign]
 
 
-def cluster_summary(modifier: Any) -> str:
-    """Cluster sizes over the expanded linears: the smallest and largest cluster's share of tokens,
-    and the median cluster's, separately for the MLP input projections and the down projections."""
-    parts = []
-    for kind, is_down in (("gate/up", False), ("down", True)):
-        shares = [
-            sorted(c / sum(entry["cluster_tokens"]) for c in entry["cluster_tokens"])
-            for entry in modifier.report
-            if entry["name"].endswith(("down_proj", "dense_4h_to_h", "fc2", "c_proj")) == is_down
-        ]
-        if shares:
-            parts.append(
-                f"{kind}: smallest {min(s[0] for s in shares):.2%}, median {sorted(s[len(s) // 2] for s in shares)[len(shares) // 2]:.2%}, "
-                f"largest {max(s[-1] for s in shares):.1%} of a layer's tokens"
-            )
-    return "; ".join(parts)
-
-
 @torch.no_grad()
 def wd_within_clusters(
     dense: torch.nn.Module, expanded: torch.nn.Module, windows: torch.Tensor, top: float, seed: int
@@ -248,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds,
                 cost=cost,
                 options=variant_options,
-                clusters=cluster_summary(modifier),
+                clusters=modifier.cluster_summary(),
             )
             if not structure and not sparsity_text and not extras:
                 expanded[k] = model

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ from sparse_expansion_plugin.outputs import atomic_output_dir, check_output_dir
 logger = logging.getLogger(__name__)
 
 
+DEMO_SE_OPTIONS: dict[str, Any] = {}
+"""SparseExpansionModifier fields the demo sets beyond K and sparsity (chosen by measurement, README)."""
+
+
 @dataclass
 class DemoConfig:
     """Sizes of the demo run; the defaults take a few minutes on 2 CPU cores."""
@@ -47,6 +51,7 @@ class DemoConfig:
     eval_windows: int = 12
     analysis_windows: int = 8
     seed: int = 0
+    se_options: dict[str, Any] = field(default_factory=lambda: dict(DEMO_SE_OPTIONS))
 
     def __post_init__(self) -> None:
         """Refuse impossible sizes at once (a negative count used to mean "all but N")."""
@@ -61,16 +66,23 @@ class DemoConfig:
 
 
 def _ffn_bytes(model: torch.nn.Module, compact: bool) -> int:
-    """Bytes of the FFN linears: dense storage, or values + 1-bit mask (what a sparse format would store)."""
-    total = 0
-    for block in ffn_blocks(model):
-        for name in (*block.inputs, *([block.output] if block.output else [])):
-            weight = module_weight(model.get_submodule(name))
-            if compact:
-                total += int((weight != 0).sum()) * weight.element_size() + (weight.numel() + 7) // 8
-            else:
-                total += weight.numel() * weight.element_size()
-    return total
+    """Bytes of the FFN linears of a dense or pruned model (``cost.linear_storage_bytes`` each)."""
+    from sparse_expansion_plugin.sparse_expansion.cost import linear_storage_bytes
+
+    return sum(
+        linear_storage_bytes(module_weight(model.get_submodule(name)), compact)
+        for block in ffn_blocks(model)
+        for name in (*block.inputs, *([block.output] if block.output else []))
+    )
+
+
+def _ffn_flops(model: torch.nn.Module) -> int:
+    """FLOPs per token of the FFN linears with a dense kernel (2 per weight); pruning keeps this."""
+    return sum(
+        2 * module_weight(model.get_submodule(name)).numel()
+        for block in ffn_blocks(model)
+        for name in (*block.inputs, *([block.output] if block.output else []))
+    )
 
 
 def run_demo(
@@ -103,17 +115,22 @@ def run_demo(
         }
         targets = [ffn_target_regex(dense)]
 
-        def record(name: str, model: torch.nn.Module, seconds: float | None, stored: int) -> None:
+        def record(
+            name: str, model: torch.nn.Module, seconds: float | None, stored: int, flops: int, **extra: Any
+        ) -> None:
             row: dict[str, Any] = {"model": name}
             for source, windows in evaluation.items():
                 row[f"ppl_{source}"] = token_perplexity(model, windows, batch_size=4)
             row["ffn_bytes"] = stored
+            row["ffn_mflops_per_token"] = flops / 1e6
             row["compress_s"] = seconds
+            row.update(extra)
             rows.append(row)
             logger.info("%s: %s", name, {k: v for k, v in row.items() if k.startswith("ppl")})
 
         logger.info("step 2/4: evaluate the dense model")
-        record("dense", dense, None, _ffn_bytes(dense, compact=False))
+        dense_flops = _ffn_flops(dense)
+        record("dense", dense, None, _ffn_bytes(dense, compact=False), dense_flops)
         del dense
 
         logger.info("step 3/4: stock SparseGPT %.0f%% on the FFN linears", 100 * config.sparsity)
@@ -122,7 +139,9 @@ def run_demo(
         seconds = run_oneshot(
             model, tokenizer, [sgpt], config.calibration_samples, config.seq_len, config.seed
         )
-        record(f"SparseGPT {config.sparsity:.0%}", model, seconds, _ffn_bytes(model, compact=True))
+        record(
+            f"SparseGPT {config.sparsity:.0%}", model, seconds, _ffn_bytes(model, compact=True), dense_flops
+        )
         type(model).save_pretrained(model, tmp / "sparsegpt")
         tokenizer.save_pretrained(tmp / "sparsegpt")
         del model
@@ -131,12 +150,19 @@ def run_demo(
             "step 4/4: Sparse Expansion, %d experts at %.0f%%", config.num_experts, 100 * config.sparsity
         )
         se = SparseExpansionModifier(
-            sparsity=config.sparsity, num_experts=config.num_experts, seed=config.seed
+            sparsity=config.sparsity, num_experts=config.num_experts, seed=config.seed, **config.se_options
         )
         model, tokenizer = load_model_and_tokenizer(config.model)
         seconds = run_oneshot(model, tokenizer, [se], config.calibration_samples, config.seq_len, config.seed)
         cost = expansion_cost(model)
-        record(f"Sparse Expansion K={config.num_experts}", model, seconds, cost.expanded_bytes)
+        record(
+            f"Sparse Expansion K={config.num_experts}",
+            model,
+            seconds,
+            cost.expanded_bytes,
+            cost.routed_flops_per_token_dense_kernel,
+            clusters=se.cluster_summary(),
+        )
         save_expanded(model, tokenizer, tmp / "sparse_expansion")
 
         _write_results(tmp, rows, config)
@@ -158,18 +184,24 @@ def gap_closed(rows: list[dict[str, Any]], source: str) -> float:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The demo's table as fixed-width text."""
     header = (
-        f"{'model':<26}" + "".join(f"{'ppl ' + s:>20}" for s in SOURCES) + f"{'FFN MB':>10}{'compress s':>12}"
+        f"{'model':<26}"
+        + "".join(f"{'ppl ' + s:>20}" for s in SOURCES)
+        + f"{'FFN MB':>10}{'MFLOP/token':>13}{'compress s':>12}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         ppl = "".join(f"{row[f'ppl_{s}']:>20.3f}" for s in SOURCES)
         seconds = "" if row["compress_s"] is None else f"{row['compress_s']:.0f}"
-        lines.append(f"{row['model']:<26}{ppl}{row['ffn_bytes'] / 2**20:>10.1f}{seconds:>12}")
+        flops = f"{row['ffn_mflops_per_token']:.1f}" if "ffn_mflops_per_token" in row else ""
+        lines.append(f"{row['model']:<26}{ppl}{row['ffn_bytes'] / 2**20:>10.1f}{flops:>13}{seconds:>12}")
     if len(rows) == 3:
-        closed = ", ".join(f"{s} {100 * gap_closed(rows, s):.0f}%" for s in SOURCES)
+        closed = ", ".join(f"{s} {100 * gap_closed(rows, s):+.0f}%" for s in SOURCES)
         lines.append(f"log-perplexity gap SparseGPT->dense closed by Sparse Expansion: {closed}")
+        if rows[2].get("clusters"):
+            lines.append(f"Sparse Expansion clusters: {rows[2]['clusters']}")
     lines.append(
-        "FFN MB: dense fp32; SparseGPT and experts as values + 1-bit mask (K experts store K masks)."
+        "FFN MB: dense fp32; SparseGPT and experts as values + 1-bit mask (K experts store K masks). "
+        "MFLOP/token: FFN linears with a dense kernel (each token uses one expert) plus routing."
     )
     return "\n".join(lines)
 
@@ -177,7 +209,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _write_results(directory: Path, rows: list[dict[str, Any]], config: DemoConfig) -> None:
     (directory / "results.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=2))
     with (directory / "results.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     import matplotlib

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
+from torch import Tensor
 
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
 from sparse_expansion_plugin.sparse_expansion.packing import packed_bytes
@@ -79,3 +80,11 @@ def expansion_cost(model: nn.Module) -> ExpansionCost:
         routed_flops_per_token_nonzero=nonzero_flops + router_flops,
         router_flops_per_token=router_flops,
     )
+
+
+def linear_storage_bytes(weight: Tensor, compact: bool) -> int:
+    """Bytes of one plain linear's weight: dense, or its non-zeros as values + a 1-bit mask (what a
+    sparse format stores; the same layout as one packed expert)."""
+    if not compact:
+        return weight.numel() * weight.element_size()
+    return int((weight != 0).sum()) * weight.element_size() + (weight.numel() + 7) // 8

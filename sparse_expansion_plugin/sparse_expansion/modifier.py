@@ -284,6 +284,25 @@ class SparseExpansionModifier(SparsityModifierBase):
         """One entry per expanded linear: experts, tokens per cluster, rules applied, seconds."""
         return list(self._report)
 
+    def cluster_summary(self) -> str:
+        """Cluster sizes over every expanded linear, as shares of its layer's tokens: the smallest
+        cluster anywhere, the median of the layers' median clusters, and the largest cluster, for
+        linears reading the MLP input and for down projections apart (where collapses happen)."""
+        parts = []
+        for kind, is_down in (("MLP input", False), ("down projection", True)):
+            shares = [
+                sorted(c / max(sum(e["cluster_tokens"]), 1) for c in e["cluster_tokens"])
+                for e in self._report
+                if e.get("down", False) == is_down
+            ]
+            if shares:
+                medians = sorted(s[len(s) // 2] for s in shares)
+                parts.append(
+                    f"{kind}: smallest cluster {min(s[0] for s in shares):.2%}, median "
+                    f"{medians[len(medians) // 2]:.2%}, largest {max(s[-1] for s in shares):.1%} of a layer's tokens"
+                )
+        return "; ".join(parts)
+
     # ----------------------------------------------------------------- targets
 
     def _resolve_targets(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -553,6 +572,7 @@ class SparseExpansionModifier(SparsityModifierBase):
                     "name": name,
                     "num_experts": num_experts,
                     "cluster_tokens": counts,
+                    "down": group.output,
                     "rules": notes,
                     "seconds": time.perf_counter() - start,
                 }
