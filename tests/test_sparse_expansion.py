@@ -376,7 +376,7 @@ def test_streaming_router_fit_then_route_equals_a_direct_computation():
 def test_streaming_with_a_sample_holding_every_token_equals_keeping_everything():
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randn(1, 24, 32, generator=gen) for _ in range(5)]
-    keep_all, *_ = _fed_modifier(batches)  # router_fit_tokens=None: every input kept until the epoch ends
+    keep_all, *_ = _fed_modifier(batches, router_fit_tokens=None)  # every input kept until the layer ends
     big_sample, *_ = _fed_modifier(batches, router_fit_tokens=10**6)
     for a, b in zip(expanded_linears(keep_all).values(), expanded_linears(big_sample).values(), strict=True):
         assert torch.equal(a.values, b.values) and torch.equal(a.mask, b.mask)

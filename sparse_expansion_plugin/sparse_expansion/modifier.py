@@ -127,8 +127,11 @@ class SparseExpansionModifier(SparsityModifierBase):
     :param pca_components: ... unless this gives the number explicitly
     :param kmeans_n_init: k-means restarts (scikit-learn), best inertia kept
     :param kmeans_max_iter: k-means iterations
-    :param router_fit_tokens: fit each router on the first this-many calibration tokens, then
-        stream the rest (memory bounded); None keeps every token to fit on (exact, more memory)
+    :param router_fit_tokens: fit each router on the first this-many calibration tokens of its layer
+        (oneshot shuffles the calibration samples, so a seeded random sample), then stream the rest
+        into the K Hessians: memory stays flat in the number of calibration tokens (measured:
+        1.2 GiB per SmolLM2 block at 32k-262k tokens, against 1.4-9.9 GiB keeping every input).
+        None keeps every token to fit on (0.1.0's behaviour). Up to this many tokens both are equal
     :param max_fit_tokens: fit PCA/k-means on at most this many (seeded random) of those tokens
     :param input_norm: ``none`` or ``l2``: cluster (and route) unit-norm tokens, so a few tokens
         with huge activations do not take every centroid
@@ -163,7 +166,7 @@ class SparseExpansionModifier(SparsityModifierBase):
     pca_components: int | None = Field(default=None, ge=1)
     kmeans_n_init: int = Field(default=1, ge=1)
     kmeans_max_iter: int = Field(default=300, ge=1)
-    router_fit_tokens: int | None = Field(default=None, ge=1)
+    router_fit_tokens: int | None = Field(default=32768, ge=1)
     max_fit_tokens: int | None = Field(default=None, ge=1)
     input_norm: Literal["none", "l2"] = "none"
     fit_outlier_quantile: float | None = Field(default=None, gt=0, le=1)
