@@ -57,9 +57,27 @@ def _register(name: str) -> None:
         ModifierFactory.register(name, cls)
 
 
+def register_modifier(name: str, cls: type) -> None:
+    """Register ``cls`` under ``name`` if llm-compressor's factory is loaded; called at the end of each
+    modifier module. Why: when a modifier module is the first import of a process, its own import of
+    llm-compressor fires the import hook while the module is half-executed (the class does not exist
+    yet), so the hook skips it and the module registers itself once its class is defined."""
+    factory = sys.modules.get("llmcompressor.modifiers.factory")
+    if factory is not None and factory.ModifierFactory._registered_registry.get(name) is not cls:
+        factory.ModifierFactory.register(name, cls)
+
+
+def _being_imported(name: str) -> bool:
+    """Whether the module defining ``name`` is half-way through its own import (it registers itself)."""
+    module = sys.modules.get(MODIFIER_MODULES[name])
+    return module is not None and not hasattr(module, name)
+
+
 def _register_after_import() -> None:
     """Registration run from the import hook: a failure warns and never breaks the user's llm-compressor import."""
     for name in MODIFIER_MODULES:
+        if _being_imported(name):
+            continue
         try:
             _register(name)
         except Exception as error:  # noqa: BLE001  (a failure of ours must not fail `import llmcompressor`)

@@ -36,6 +36,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from pydantic import Field, PrivateAttr, field_validator
 
 from sparse_expansion_plugin.modeling.targets import ffn_blocks, is_conv1d, module_weight, weight_as_out_in
+from sparse_expansion_plugin.modifiers import register_modifier
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 from sparse_expansion_plugin.sparse_expansion.block import install_expanded_block
@@ -616,3 +617,8 @@ class SparseExpansionModifier(SparsityModifierBase):
             pruned.append(w)
             keep.append(k)
         return torch.cat(pruned), torch.cat(keep)
+
+
+register_modifier(
+    "SparseExpansionModifier", SparseExpansionModifier
+)  # recipes can name it (see modifiers/__init__.py)

@@ -60,6 +60,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from sparse_expansion_plugin.analysis.hooks import hooks_attached, run_batches
 from sparse_expansion_plugin.modeling.targets import module_weight
+from sparse_expansion_plugin.modifiers import register_modifier
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
 from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 from sparse_expansion_plugin.wd_sparsegpt import allocation
@@ -396,3 +397,8 @@ class WassersteinSparseGPTModifier(SparseGPTModifier):
             "layer allocation: %d zeros in %d modules (uniform SparseGPT's exact total)", total, len(modules)
         )
         return {m: b for (m, _), b in zip(modules, budgets, strict=True)}
+
+
+register_modifier(
+    "WassersteinSparseGPTModifier", WassersteinSparseGPTModifier
+)  # recipes can name it (see modifiers/__init__.py)
