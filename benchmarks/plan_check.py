@@ -1,0 +1,222 @@
+"""The memory planner (``sparse-expansion plan``) against the peak memory measured on SmolLM2's shapes.
+
+Each setting runs in a fresh process, as ``sparse_expansion_memory.py`` does: one
+decoder layer with the embedded SmolLM2's FFN shapes (random weights: memory does
+not depend on the values) is expanded by ``SparseExpansionModifier`` fed batches of
+``8 x 512`` synthetic tokens through its hooks, then ``compress_modules``. The
+measured figure is the process's peak RSS (``ru_maxrss``) above its baseline (model
+built, and the libraries the expansion touches warmed up on a tiny layer, so their
+one-time buffers are not counted as the expansion's), on one thread. Everything runs on the CPU,
+so the planned figure is :attr:`LayerPlan.working_peak_bytes` (device and host
+working sets of the same moment added; the layer's weights are in the baseline).
+
+Two allocators are measured: glibc as configured by default, which keeps freed
+blocks under its dynamic mmap threshold (up to 32 MiB) in the heap, so RSS also
+counts memory already freed; and ``MALLOC_MMAP_THRESHOLD_=65536``, which returns
+every freed tensor to the system, so RSS follows live tensors, which is what the
+planner counts.
+
+    python benchmarks/plan_check.py            # two settings, both allocators
+    python benchmarks/plan_check.py --child '{"experts": 4, ...}'   # one measurement (used by tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LIVE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""Environment of a child whose RSS follows live tensors (glibc returns every freed block >= 64 KiB)."""
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Children compute on one thread: the figure is memory, and on a loaded 2-core machine OpenMP's
+spinning threads made ``torch.cholesky_inverse`` of ``[4, 1536, 1536]`` take 45 s instead of 0.2 s."""
+
+SETTINGS: list[dict[str, Any]] = [
+    # streaming: the router fit on 16k tokens, then K Hessians; the peak is the down projection's solve
+    {"experts": 16, "tokens": 32768, "router_fit_tokens": 16384},
+    # every input kept until the layer ends; the peak is the down projection's router fit
+    {"experts": 16, "tokens": 32768, "router_fit_tokens": None},
+]
+
+
+def _warm_up() -> None:
+    """Run one tiny expansion so BLAS, OpenMP and scikit-learn allocate their one-time buffers now."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
+
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = LlamaForCausalLM(config).eval()
+    modifier = SparseExpansionModifier(num_experts=2, router_fit_tokens=256)
+    modifier.on_initialize(SimpleNamespace(model=model))
+    _feed(modifier, model.model.layers[0].mlp, 512, 2, 128, 32, torch.Generator().manual_seed(0))
+
+
+def _feed(modifier: Any, mlp: Any, tokens: int, batch: int, seq: int, hidden: int, gen: Any) -> None:
+    """Feed ``tokens`` synthetic tokens through the modifier's hooks (as the pipeline does), then compress."""
+    import torch
+
+    with torch.no_grad():
+        for _ in range(tokens // (batch * seq)):
+            x = torch.randn(batch, seq, hidden, generator=gen)
+            modifier.calibrate_module(mlp.gate_proj, (x,), None)
+            h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
+            modifier.calibrate_module(mlp.down_proj, (h,), None)
+            del x, h
+        modifier.compress_modules()
+
+
+def measure(
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    tokens: int,
+    router_fit_tokens: int | None,
+    batch: int = 8,
+    seq: int = 512,
+) -> dict[str, Any]:
+    """In this (fresh) process: peak RSS of expanding one layer, above the baseline, in bytes."""
+    import resource
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
+
+    _warm_up()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 192),
+    )
+    model = LlamaForCausalLM(config).eval()
+    modifier = SparseExpansionModifier(
+        num_experts=experts, router_fit_tokens=router_fit_tokens, materialize_while_calibrating=False
+    )
+    modifier.on_initialize(SimpleNamespace(model=model))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    _feed(modifier, model.model.layers[0].mlp, tokens, batch, seq, hidden, torch.Generator().manual_seed(1))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"measured_bytes": peak - baseline, "seconds": time.perf_counter() - start}
+
+
+def planned_bytes(
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    tokens: int,
+    router_fit_tokens: int | None,
+    batch_tokens: int,
+) -> int:
+    """The planner's working peak for the same one-layer expansion (float32, no materialized experts)."""
+    from transformers import LlamaConfig
+
+    from sparse_expansion_plugin.sparse_expansion.plan import plan_expansion
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 192),
+    )
+    plan = plan_expansion(
+        config,
+        num_experts=experts,
+        calibration_tokens=tokens,
+        router_fit_tokens=router_fit_tokens,
+        dtype="float32",
+        materialize_while_calibrating=False,
+        batch_tokens=batch_tokens,
+    )
+    return plan.layers[0].working_peak_bytes
+
+
+def measure_in_child(setting: dict[str, Any], live_allocator: bool) -> dict[str, Any]:
+    """Run :func:`measure` in a fresh interpreter (``--child``); return its JSON result."""
+    env = {**os.environ, **ONE_THREAD}
+    for key in LIVE_ALLOCATOR:
+        env.pop(key, None)
+    if live_allocator:
+        env.update(LIVE_ALLOCATOR)
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(setting)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def smollm2_shapes() -> tuple[int, int]:
+    """(hidden, intermediate) of the embedded SmolLM2, read from its config.json."""
+    from sparse_expansion_plugin.data.locations import read_config, resolve_model_location
+
+    config = read_config(resolve_model_location(None))
+    return int(config["hidden_size"]), int(config["intermediate_size"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.child:
+        setting = json.loads(args.child)
+        print(json.dumps({**setting, **measure(**setting)}))
+        return 0
+    hidden, intermediate = smollm2_shapes()
+    rows = []
+    for setting in SETTINGS:
+        full = {"hidden": hidden, "intermediate": intermediate, **setting}
+        planned = planned_bytes(**full, batch_tokens=8 * 512)
+        for live in (False, True):
+            result = measure_in_child(full, live)
+            row = {
+                **full,
+                "allocator": "live (mmap 64 KiB)" if live else "glibc default",
+                "planned_bytes": planned,
+            }
+            row.update(result)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        f"\nOne SmolLM2-shaped layer (hidden {hidden}, intermediate {intermediate}), batches of 8x512 tokens, CPU\n"
+    )
+    print(
+        "| K | tokens | router_fit_tokens | allocator | planned | measured (peak RSS) | planned / measured | s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['experts']} | {r['tokens']:,} | {r['router_fit_tokens'] or 'all'} | {r['allocator']} | "
+            f"{r['planned_bytes'] / 2**20:,.0f} MiB | {r['measured_bytes'] / 2**20:,.0f} MiB | "
+            f"{r['planned_bytes'] / r['measured_bytes']:.2f} | {r['seconds']:.0f} |"
+        )
+    if args.output:
+        args.output.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
