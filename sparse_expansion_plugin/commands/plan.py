@@ -173,11 +173,8 @@ def totals_table(plan: Any) -> list[str]:
         ("compression peak, CPU (offloaded model + kept inputs)", _gib(plan.cpu_peak_bytes)),
         ("  of which the offloaded model at the last layer", _gib(last.host_model_bytes)),
         (
-            (
-                "  of which kept inputs, router fit, packing staging (largest)",
-                _gib(max(x.host_peak_phase.host + x.host_peak_phase.host_staging for x in plan.layers)),
-            ),
-            _gib(max(x.host_peak_phase.host for x in plan.layers)),
+            "  of which kept inputs, router fit, packing staging (largest)",
+            _gib(max(x.host_peak_phase.host + x.host_peak_phase.host_staging for x in plan.layers)),
         ),
         ("  of which the pipeline's activation cache (estimate)", _gib(last.pipeline_host_bytes)),
         ("expanded model, packed experts", _gib(plan.packed_model_bytes)),
