@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "eval": "Token perplexity of a model or compressed directory on the evaluation text",
     "ablate": "Negative-computation ablation: clamp pre-activations of top/random/bottom WD neurons",
     "pairs": "Token pairs with the highest output/input ratio for a layer's most entangled neurons",
+    "plan": "Memory and FLOPs of a Sparse Expansion run (compression and inference) from config.json alone",
 }
 
 

@@ -348,27 +348,34 @@ def _fed_modifier(batches, **options):
     return model, modifier, weights, kept
 
 
-def test_streaming_router_fit_then_route_equals_a_direct_computation():
+@pytest.mark.parametrize("input_norm,prior_tokens", [("none", 0.0), ("l2", 1024.0)])
+def test_streaming_router_fit_then_route_equals_a_direct_computation(input_norm, prior_tokens):
     """Router fitted on the first `router_fit_tokens` tokens, every token routed into K Hessians as it
-    streams past: against fitting on those tokens by hand and summing X_k^T X_k over all tokens."""
+    streams past, each shrunk toward the layer's by the count prior: against fitting on those tokens
+    by hand, summing X_k^T X_k over all tokens and applying (n_k H_k + tau H) / (n_k + tau)."""
     from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
     from sparse_expansion_plugin.sparse_expansion.clustering import fit_router, pca_components_for
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 16, 32, generator=gen) + 3 * torch.randn(32, generator=gen) for _ in range(6)]
-    model, modifier, weights, kept = _fed_modifier(batches, router_fit_tokens=64)
+    model, modifier, weights, kept = _fed_modifier(
+        batches, router_fit_tokens=64, input_norm=input_norm, prior_tokens=prior_tokens
+    )
     assert kept[:2] == [2 * 16 * 32, 0] and set(kept[2:]) == {0}  # sample dropped once the router is fitted
     sample = torch.cat([b.reshape(-1, 32) for b in batches[:2]])
-    fitted = fit_router(sample, 3, pca_components_for(32, 32, None), seed=0)
+    fitted = fit_router(sample, 3, pca_components_for(32, 32, None), seed=0, input_norm=input_norm)
     tokens = torch.cat([b.reshape(-1, 32) for b in batches]).double()
     assignment = fitted.router.scores(tokens.float()).argmax(1)
     mlp = model.model.layers[0].mlp
     torch.testing.assert_close(mlp.se_router.weight, fitted.router.weight)
+    layer_mean = tokens.t() @ tokens / len(tokens)
     for leaf, weight in weights.items():
         layer = getattr(mlp, leaf)
         for k in range(3):
             xk = tokens[assignment == k]
-            reference, keep = sparsegpt_prune(weight, (xk.t() @ xk).float(), sparsity=0.5)
+            own_mean = xk.t() @ xk / len(xk)
+            hessian = (len(xk) * own_mean + prior_tokens * layer_mean) / (len(xk) + prior_tokens)
+            reference, keep = sparsegpt_prune(weight, hessian.float(), sparsity=0.5)
             assert torch.equal(layer.expert_keep_mask(k), keep), (leaf, k)
             torch.testing.assert_close(layer.expert_weight(k), reference, rtol=1e-4, atol=1e-5)
 

@@ -134,8 +134,8 @@ class SparseExpansionModifier(SparsityModifierBase):
         1.2 GiB per SmolLM2 block at 32k-262k tokens, against 1.4-9.9 GiB keeping every input).
         None keeps every token to fit on (0.1.0's behaviour). Up to this many tokens both are equal
     :param max_fit_tokens: fit PCA/k-means on at most this many (seeded random) of those tokens
-    :param input_norm: ``none`` or ``l2``: cluster (and route) unit-norm tokens, so a few tokens
-        with huge activations do not take every centroid
+    :param input_norm: ``l2`` (default) clusters and routes unit-norm tokens, so a few tokens with
+        huge activations do not take every centroid; ``none`` is 0.1.0's behaviour
     :param fit_outlier_quantile: leave tokens whose norm exceeds this quantile out of the fit
     :param seed: seeds PCA and k-means; the same seed gives the same model
     :param share_gate_up_router: gate and up projections share one router (they see the same input)
@@ -148,8 +148,10 @@ class SparseExpansionModifier(SparsityModifierBase):
     :param small_cluster_rule: ``global`` (use the layer's Hessian), ``dampen`` (more dampening),
         or ``merge`` (drop the cluster; its tokens go to the nearest other one)
     :param small_cluster_dampening: extra dampening (fraction of mean diagonal) for ``dampen``
-    :param prior_tokens: ``tau``: ``H_k <- (n_k H_k + tau H) / (n_k + tau)`` (per-token means): a
-        cluster with few tokens leans on the layer's Hessian, a large one keeps its own
+    :param prior_tokens: ``tau`` (default 1024): ``H_k <- (n_k H_k + tau H) / (n_k + tau)`` (per-token
+        means): a cluster with few tokens leans on the layer's Hessian, a large one keeps its own;
+        0 is 0.1.0's behaviour. Defaults measured on SmolLM2 (README); giving
+        ``hessian_shrinkage`` alone turns the prior off
     :param hessian_shrinkage: ``H_k <- (1-lam) H_k + lam H`` whatever the cluster's size, lam in [0, 1]
     :param block_size: SparseGPT column block size
     :param dampening_frac: SparseGPT dampening, fraction of the mean Hessian diagonal
@@ -169,7 +171,7 @@ class SparseExpansionModifier(SparsityModifierBase):
     kmeans_max_iter: int = Field(default=300, ge=1)
     router_fit_tokens: int | None = Field(default=32768, ge=1)
     max_fit_tokens: int | None = Field(default=None, ge=1)
-    input_norm: Literal["none", "l2"] = "none"
+    input_norm: Literal["none", "l2"] = "l2"
     fit_outlier_quantile: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
     share_gate_up_router: bool = True
@@ -178,7 +180,7 @@ class SparseExpansionModifier(SparsityModifierBase):
     min_cluster_tokens: int = Field(default=0, ge=0)
     small_cluster_rule: Literal["global", "dampen", "merge"] = "global"
     small_cluster_dampening: float = Field(default=0.1, ge=0)
-    prior_tokens: float = Field(default=0.0, ge=0)
+    prior_tokens: float = Field(default=1024.0, ge=0)
     hessian_shrinkage: float = Field(default=0.0, ge=0, le=1)
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0)
@@ -215,6 +217,8 @@ class SparseExpansionModifier(SparsityModifierBase):
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         """Resolve the targets into router groups; fail loudly when nothing matches."""
+        if self.hessian_shrinkage > 0 and "prior_tokens" not in self.model_fields_set:
+            self.prior_tokens = 0.0  # a fixed shrinkage asked for replaces the default count-based prior
         if self.hessian_shrinkage > 0 and self.prior_tokens > 0:
             raise ValueError(
                 "give either prior_tokens (count-based) or hessian_shrinkage (fixed), not both "
