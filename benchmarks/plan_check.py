@@ -46,6 +46,16 @@ SETTINGS: list[dict[str, Any]] = [
 ]
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS (``VmHWM``). Why not ``ru_maxrss``: Linux carries the forking parent's
+    peak across ``exec`` into it, so a child started from a big process (a long pytest run) would
+    report the parent's peak and see no growth at all."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS is measured on Linux only")
+
+
 def _warm_up() -> None:
     """Run one tiny expansion so BLAS, OpenMP and scikit-learn allocate their one-time buffers now."""
     from types import SimpleNamespace
@@ -88,7 +98,6 @@ def measure(
     seq: int = 512,
 ) -> dict[str, Any]:
     """In this (fresh) process: peak RSS of expanding one layer, above the baseline, in bytes."""
-    import resource
     from types import SimpleNamespace
 
     import torch
@@ -111,10 +120,10 @@ def measure(
         num_experts=experts, router_fit_tokens=router_fit_tokens, materialize_while_calibrating=False
     )
     modifier.on_initialize(SimpleNamespace(model=model))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline = _peak_rss_bytes()
     start = time.perf_counter()
     _feed(modifier, model.model.layers[0].mlp, tokens, batch, seq, hidden, torch.Generator().manual_seed(1))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss_bytes()
     return {"measured_bytes": peak - baseline, "seconds": time.perf_counter() - start}
 
 

@@ -54,6 +54,7 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 HOST_FLOAT = 4  # kept calibration inputs and Hessians are float32 (modifier, SGPT_PRECISION)
 INDEX_BYTES = 8  # int64: ``nnz`` per expert
 FIT_BYTES_PER_VALUE = 24  # sample (4) + concatenated copy (4) + two float64 copies in fit_router (16)
+L2_FIT_BYTES_PER_VALUE = 4  # input_norm="l2": the unit-norm copy of the tokens the router fits on
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,11 @@ class _Settings:
     fit_tokens: int | None  # tokens kept before the router fit during calibration; None: fit at compress
     batch_tokens: int
     materialize: bool
+    input_norm: str = "l2"
+
+    @property
+    def fit_bytes_per_value(self) -> int:
+        return FIT_BYTES_PER_VALUE + (L2_FIT_BYTES_PER_VALUE if self.input_norm == "l2" else 0)
 
 
 def _layer_phases(layer: LayerShape, s: _Settings, previous_materialized: int) -> list[Phase]:
@@ -379,7 +385,7 @@ def _layer_phases(layer: LayerShape, s: _Settings, previous_materialized: int) -
                 Phase(
                     f"calibration: router fit of group {j}",
                     prev + sum(sums[:j]),
-                    FIT_BYTES_PER_VALUE * kept * n + waiting,
+                    s.fit_bytes_per_value * kept * n + waiting,
                 )
             )
         stream = max(s.batch_tokens * n * (b + HOST_FLOAT) for n in dims)  # one batch, grouped in float32
@@ -396,7 +402,7 @@ def _layer_phases(layer: LayerShape, s: _Settings, previous_materialized: int) -
                 Phase(
                     f"compress: router fit of group {j}",
                     alive_sums + done,
-                    FIT_BYTES_PER_VALUE * s.tokens * n + waiting,
+                    s.fit_bytes_per_value * s.tokens * n + waiting,
                 )
             )
             alive_sums += sums[j]
@@ -455,6 +461,7 @@ def plan_expansion(
     materialize_while_calibrating: bool = True,
     batch_tokens: int = 2048,
     block_size: int = 128,
+    input_norm: str = "l2",
 ) -> Plan:
     """Plan expanding every FFN linear of ``config``'s model into ``num_experts`` experts.
 
@@ -509,6 +516,7 @@ def plan_expansion(
         fit_tokens,
         batch_tokens,
         materialize_while_calibrating,
+        input_norm,
     )
     density_num = density_den = 0
     layers: list[LayerPlan] = []
