@@ -46,6 +46,20 @@ SETTINGS: list[dict[str, Any]] = [
 ]
 
 
+def one_layer_config(hidden: int, intermediate: int) -> Any:
+    """The one-decoder-layer Llama config both the measurement and the plan use (same shapes)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 192),
+    )
+
+
 def _peak_rss_bytes() -> int:
     """This process's peak RSS (``VmHWM``). Why not ``ru_maxrss``: Linux carries the forking parent's
     peak across ``exec`` into it, so a child started from a big process (a long pytest run) would
@@ -101,20 +115,13 @@ def measure(
     from types import SimpleNamespace
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 
     _warm_up()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=1,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 192),
-    )
+    config = one_layer_config(hidden, intermediate)
     model = LlamaForCausalLM(config).eval()
     modifier = SparseExpansionModifier(
         num_experts=experts, router_fit_tokens=router_fit_tokens, materialize_while_calibrating=False
@@ -136,18 +143,10 @@ def planned_bytes(
     batch_tokens: int,
 ) -> int:
     """The planner's working peak for the same one-layer expansion (float32, no materialized experts)."""
-    from transformers import LlamaConfig
 
     from sparse_expansion_plugin.sparse_expansion.plan import plan_expansion
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=1,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 192),
-    )
+    config = one_layer_config(hidden, intermediate)
     plan = plan_expansion(
         config,
         num_experts=experts,

@@ -93,6 +93,7 @@ class _Group:
     source: _Group | None = None  # down projection calibrated on expanded upstream outputs
     shares: _Group | None = None  # down projection routed by the gate/up router
     keep_all: bool = False  # keep every input (a dependent down projection recomputes from them)
+    routes_down: bool = False  # a down projection is routed by this group's routing (keep assignments)
     calib: _Calibration = field(default_factory=_Calibration)
     done: bool = False
 
@@ -383,6 +384,8 @@ class SparseExpansionModifier(SparsityModifierBase):
                 if expanded_source is not None:
                     expanded_source.keep_all = True
                 shares = source if self.share_router_with_down else None
+                if shares is not None:
+                    shares.routes_down = True
                 groups.append(
                     _Group([block.output], block.parent, output=True, source=expanded_source, shares=shares)
                 )
@@ -467,7 +470,7 @@ class SparseExpansionModifier(SparsityModifierBase):
             else (torch.zeros(batch.shape[0] * batch.shape[1], dtype=torch.long, device=batch.device))
         )
         calib.hessians.add(batch, assignment)
-        if any(g.shares is group for g in self._groups):
+        if group.routes_down:
             calib.assignments.append(assignment.cpu())
 
     def _drain_shared(self, group: _Group) -> None:
@@ -562,7 +565,9 @@ class SparseExpansionModifier(SparsityModifierBase):
         del stats
         first = self._model.get_submodule(group.names[0])
         device = module_weight(first).device
-        own_router = group.shares is None and len(group.names) == 1 and not self._routes_block_input(group)
+        # a router that serves several linears (gate and up), or whose routing the down projection
+        # reuses, routes the block's input and belongs to the block; otherwise the linear owns it
+        own_router = group.shares is None and len(group.names) == 1 and not group.routes_down
         layers: dict[str, ExpandedLinear] = {}
         for name, leaf in zip(group.names, group.leaves, strict=True):
             module = self._model.get_submodule(name)
@@ -597,10 +602,6 @@ class SparseExpansionModifier(SparsityModifierBase):
             time.perf_counter() - start,
         )
         group.done = True
-
-    def _routes_block_input(self, group: _Group) -> bool:
-        """Whether the group's router routes its MLP block's input (gate/up), so it belongs to the block."""
-        return not group.output and any(g.shares is group for g in self._groups) or len(group.names) > 1
 
     def _solve(self, weight: torch.Tensor, hessians: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched SparseGPT of ``weight [out, in]`` under each of ``hessians [K, in, in]``, chunked over K."""
