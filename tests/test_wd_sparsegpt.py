@@ -43,6 +43,7 @@ def _oneshot(tiny_dir, calibration, recipe, output_dir=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    torch.manual_seed(0)  # oneshot's RandomSampler shuffles the samples with torch's global RNG
     oneshot(
         model=model,
         processor=AutoTokenizer.from_pretrained(tiny_dir),
@@ -398,3 +399,74 @@ def test_score_statistics_keep_every_strided_token_with_a_rotating_offset(score)
         torch.testing.assert_close(result, kept.var(dim=0, unbiased=False).float())
     with pytest.raises(RuntimeError, match="no calibration statistics were collected for model.m"):
         stats.pop("m", "model.m")
+
+
+# --------------------------------------------------------------------------- offloaded models
+
+
+def _oneshot_disk_offloaded(tiny_dir, calibration, offload_dir, **kwargs):
+    """oneshot on a model whose every module lives in compressed-tensors' DiskCache (execution on CPU),
+    as a model too big for memory would; returns (model, {name: pruned weight as stored on disk})."""
+    from compressed_tensors.offload import offload_module
+    from compressed_tensors.offload.cache import DiskCache
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparse_expansion_plugin.wd_sparsegpt.modifier import WassersteinSparseGPTModifier
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    for module in model.modules():
+        offload_module(module, "cpu", "disk", offload_dir=str(offload_dir))
+    torch.manual_seed(0)  # the same sample order as _oneshot's
+    oneshot(
+        model=model,
+        processor=AutoTokenizer.from_pretrained(tiny_dir),
+        dataset=calibration,
+        recipe=[WassersteinSparseGPTModifier(targets=["Linear"], ignore=IGNORE, **kwargs)],
+        num_calibration_samples=len(calibration),
+        max_seq_length=96,
+    )
+    stored = {}
+    for name, module in model.named_modules():
+        if name.endswith("_proj"):
+            cache = module._parameters
+            assert isinstance(cache, DiskCache), f"{name} is no longer offloaded"
+            # Read the tensor back from its safetensors file (what a later onload sees), not a cached copy.
+            stored[name] = cache.onload(cache.offloaded_values["weight"]).clone()
+    return model.eval(), stored
+
+
+def test_disk_offloaded_compression_equals_in_memory(tiny_dir, calibration, wd70, tmp_path):
+    """Every module offloaded to disk: the pruned weights written back to the offload files equal the
+    in-memory run's bit for bit, and so do the logits (a bare ``.data =`` on an onloaded copy is lost)."""
+    from transformers import AutoModelForCausalLM
+
+    model, stored = _oneshot_disk_offloaded(
+        tiny_dir, calibration, tmp_path, sparsity=0.7, wd_strength=1.0, wd_token_stride=1
+    )
+    assert sorted(stored) == sorted(wd70)
+    for name, weight in wd70.items():
+        assert torch.equal(stored[name], weight), name
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    for name, weight in wd70.items():
+        reference.get_submodule(name).weight.data.copy_(weight)
+    ids = torch.tensor(calibration["input_ids"][:2])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0
+        )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # layer budgets from a dense pre-pass that reads the offloaded weights, and row weights
+        {"sparsity": 0.7, "wd_strength": 1.0, "allocation": "both", "score": "owl", "max_layer_shift": 0.1},
+        {"sparsity": 0.5, "wd_strength": 2.0, "mask_structure": "2:4"},  # column weights (N:M)
+    ],
+)
+def test_disk_offloaded_allocations_equal_in_memory(tiny_dir, calibration, tmp_path, fields):
+    in_memory = _wd(tiny_dir, calibration, **fields)
+    _, stored = _oneshot_disk_offloaded(tiny_dir, calibration, tmp_path, **fields)
+    for name, weight in in_memory.items():
+        assert torch.equal(stored[name], weight), name
