@@ -12,16 +12,26 @@ tokens and within random partitions of the same sizes (small samples have a
 larger WD by themselves, so the random partition is the fair reference).
 
 Variants are named on the command line:
-  dense | sparsegpt | sparsegpt-2:4 | se:K | se:K:2:4 | se:K@S (sparsity S) |
+  dense | sparsegpt | sparsegpt-2:4 | wanda | wanda-2:4 (llm-compressor's WandaPruningModifier) |
+  se:K | se:K:2:4 | se:K@S (sparsity S) |
   random:K (random routing of the se:K experts) | wd:K (WD check with se:K's routers) |
   time:K (forward time of se:K on 8 x seq_len tokens / dense, compact and materialized experts;
   benchmarks/sparse_expansion_speed.py is the full speed benchmark)
   and, for levers, se:K+field=value+field=value (extra SparseExpansionModifier fields for this run only)
 
     flock /tmp/heavy.lock python benchmarks/sparse_expansion_quality.py \
-        --calibration-samples 64 --eval-windows 40 \
+        --calibration-samples 64 --eval-seq-lens 512 2048 --seed 0 \
         --variants dense sparsegpt se:1 se:2 se:4 se:8 se:16 random:16 wd:16 se:2@0.75 \
         --output bench-se/quality.json
+
+Seeds: ``--seed`` draws the calibration windows at random (seeded) from the
+whole calibration split (about 1,000 windows of 512 tokens of both texts), so
+each seed calibrates every method on different text; it also seeds k-means and
+the order ``oneshot`` shuffles samples in. ``--calibration-draw first`` takes the
+first windows instead (the demo's choice). The evaluation windows are the
+first of the evaluation split, disjoint from all calibration text, the same for
+every seed, scored per text at each ``--eval-seq-lens`` (``--eval-tokens``
+tokens per text at each length).
 """
 
 from __future__ import annotations
@@ -46,6 +56,22 @@ from sparse_expansion_plugin.outputs import atomic_write_text
 
 MLP_TARGETS = [r"re:.*mlp\.(gate|up|down)_proj$"]
 logger = logging.getLogger("sparse_expansion_quality")
+
+
+def seeded_calibration(tokenizer: Any, num_samples: int, seq_len: int, seed: int, draw: str) -> Any:
+    """``num_samples`` calibration windows: the first ones, or a seeded random draw from the whole split."""
+    from datasets import Dataset
+
+    if draw == "first":
+        return calibration_dataset(tokenizer, num_samples, seq_len)
+    windows = token_windows(tokenizer, "calibration", seq_len, None)
+    if num_samples > len(windows):
+        raise SystemExit(
+            f"--calibration-samples {num_samples} but the calibration split holds {len(windows)}"
+        )
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    ids = windows[pick.sort().values].tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len for _ in ids]})
 
 
 def parse_value(text: str) -> Any:
@@ -131,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calibration-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument(
+        "--eval-tokens", type=int, default=12288, help="evaluation tokens per text at each length"
+    )
+    parser.add_argument("--eval-seq-lens", type=int, nargs="+", default=[512])
+    parser.add_argument("--calibration-draw", choices=["random", "first"], default="random")
     parser.add_argument("--wd-windows", type=int, default=8, help="evaluation windows for the WD check")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
@@ -146,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+    from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
     from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
     from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
@@ -153,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     se_options = dict(item.split("=", 1) for item in args.se_options)
     se_options = {k: parse_value(v) for k, v in se_options.items()}
     dense, tokenizer = load_model_and_tokenizer(args.model)
-    evaluation = {  # every evaluation text on its own (each gets --eval-windows windows)
-        source: token_windows(tokenizer, "evaluation", args.seq_len, args.eval_windows, sources=(source,))
+    evaluation = {  # every evaluation text on its own, at every length (--eval-tokens tokens each)
+        f"{source}@{length}": token_windows(
+            tokenizer, "evaluation", length, max(1, args.eval_tokens // length), sources=(source,)
+        )
+        for length in args.eval_seq_lens
         for source in SOURCES
     }
-    calibration = calibration_dataset(tokenizer, args.calibration_samples, args.seq_len)
+    calibration = seeded_calibration(
+        tokenizer, args.calibration_samples, args.seq_len, args.seed, args.calibration_draw
+    )
     results: list[dict[str, Any]] = []
     expanded: dict[int, torch.nn.Module] = {}
 
@@ -177,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(name: str, model: torch.nn.Module, seconds: float | None, **extra: Any) -> None:
         start = time.perf_counter()
-        by_text = {src: token_perplexity(model, w, args.batch_size) for src, w in evaluation.items()}
+        by_text = {
+            src: token_perplexity(model, w, max(1, args.batch_size * args.seq_len // w.shape[1]))
+            for src, w in evaluation.items()
+        }
         ppl = math.exp(sum(math.log(v) for v in by_text.values()) / len(by_text))  # geometric mean
         row = {
             "variant": name,
@@ -202,11 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         variant_options = {**se_options, **{k: parse_value(v) for k, v in (e.split("=", 1) for e in extras)}}
         if kind == "dense":
             record("dense", dense, None)
-        elif kind.startswith("sparsegpt"):
+        elif kind.startswith(("sparsegpt", "wanda")):
             structure = variant.partition("-")[2] or "0:0"
-            modifier = SparseGPTModifier(
-                sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS
-            )
+            method = SparseGPTModifier if kind.startswith("sparsegpt") else WandaPruningModifier
+            modifier = method(sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS)
             model, seconds = compress(modifier)
             record(variant, model, seconds)
             del model
@@ -271,19 +309,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\nSparse Expansion quality: {args.model}, {args.calibration_samples}x{args.seq_len} calibration tokens, "
-        f"{args.eval_windows}x{args.seq_len} evaluation tokens, options {se_options or 'default'}\n"
+        f"{args.eval_tokens} evaluation tokens per text at {args.eval_seq_lens}, seed {args.seed}, options {se_options or 'default'}\n"
     )
     by_variant = {r["variant"]: r["ppl_by_text"] for r in results if "ppl_by_text" in r}
-    header = " | ".join(f"ppl {s} | gap closed {s}" for s in SOURCES)
+    texts = list(evaluation)
+    header = " | ".join(f"ppl {s} | gap closed {s}" for s in texts)
     print(f"| variant | {header} | stored bytes / dense (MLP) | compress s |")
-    print("|---|" + "---|---|" * len(SOURCES) + "---|---|")
+    print("|---|" + "---|---|" * len(texts) + "---|---|")
     for r in results:
         if "ppl_by_text" not in r:
             continue
         reference = by_variant.get("sparsegpt-2:4") if "2:4" in r["variant"] else by_variant.get("sparsegpt")
         top_text = by_variant.get("dense")
         cells = []
-        for source in SOURCES:
+        for source in texts:
             value, closed = r["ppl_by_text"][source], ""
             if reference and top_text and r["variant"] not in ("dense", "sparsegpt", "sparsegpt-2:4"):
                 gap = math.log(reference[source]) - math.log(top_text[source])
