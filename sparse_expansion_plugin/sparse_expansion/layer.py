@@ -4,8 +4,21 @@ Why this shape: the reference implementation runs the dense layer *and* every
 expert (zero-filled) on each call, batch size 1. Here tokens are grouped by
 expert (the routing's stable sort), each expert does one matmul on its tokens,
 and results are scattered back; the dense weight is never computed. Experts
-live packed (values + bitmask, ``packing.py``) and are unpacked only for the
-experts a call uses; :func:`materialize_experts` trades memory for speed.
+live packed (values + bitmask, ``packing.py``) and are unpacked in one call per
+layer and forward; :func:`materialize_experts` trades memory for speed.
+
+Two forwards, the same result (``grouped.py`` holds the matmuls):
+
+- with host counts (CPU): the routing's counts are read once per MLP call
+  (no device to wait for on CPU), so a packed layer unpacks only the experts
+  the call uses, and a call whose tokens all go to one expert (decoding) is one
+  plain matmul with that expert;
+- on the device (any accelerator): nothing is read back. All K experts are
+  unpacked in one kernel (or the dense copies used) and applied by grouped
+  GEMM; a call with fewer tokens than experts (decoding) gathers each token's
+  expert on the device instead (T weights touched, not K).
+
+:attr:`ExpandedLinear.routed_path` forces one (tests, benchmarks).
 
 Where the routing comes from: a layer that routes its *own* input owns a
 router (a registered submodule, ``<layer>.router``); a layer routed by its MLP
@@ -16,17 +29,31 @@ and clears it after), so nothing depends on the order in which layers run.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from sparse_expansion_plugin.sparse_expansion.grouped import (
+    grouped_matmul,
+    grouped_mm_usable,
+    padded_matmul,
+    per_token_matmul,
+)
 from sparse_expansion_plugin.sparse_expansion.packing import (
+    expert_bounds,
     pack_experts,
     packed_bytes,
     unpack_expert,
+    unpack_experts,
+    unpack_experts_at,
     unpack_mask,
 )
 from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter, Routing
+
+RoutedPath = Literal["auto", "host", "device"]
+ROUTED_PATHS: tuple[str, ...] = ("auto", "host", "device")
 
 
 class ExpandedLinear(nn.Module):
@@ -44,6 +71,8 @@ class ExpandedLinear(nn.Module):
     bias: nn.Parameter | None
     router: ExpertRouter | None
     dense_experts: Tensor | None  # ``[K, in, out]`` when materialized: a plain attribute, never saved
+    # "auto": host counts on CPU, the device forward elsewhere; "host" / "device" force one (not saved)
+    routed_path: RoutedPath = "auto"
 
     def __init__(
         self,
@@ -77,7 +106,8 @@ class ExpandedLinear(nn.Module):
         # temporary dense copies to its offload device; `_apply` moves it with the module instead
         self.dense_experts = None
         self.block_routing: Routing | None = None  # set by the MLP block for one call (block.py)
-        self._offsets: list[int] | None = None  # where each expert's values start (host ints)
+        self._bounds: list[int] | None = None  # where each expert's values start and end (host ints)
+        self._starts: Tensor | None = None  # the starts on the device the values live on (device forward)
 
     @property
     def routes_own_input(self) -> bool:
@@ -127,20 +157,29 @@ class ExpandedLinear(nn.Module):
 
     def refresh_offsets(self) -> None:
         """Recompute where each expert's values start (host ints, so a forward never syncs for them)."""
-        counts = [int(c) for c in self.nnz.tolist()] if self.nnz.device.type != "meta" else []
-        self._offsets = [sum(counts[:i]) for i in range(len(counts))]
+        self._bounds = expert_bounds(self.nnz) if self.nnz.device.type != "meta" else None
+        self._starts = None
 
-    def _expert_offset(self, k: int) -> int:
-        if self._offsets is None:
+    @property
+    def expert_bounds(self) -> list[int]:
+        """``[K + 1]`` host ints: expert k's values are ``values[bounds[k]:bounds[k + 1]]`` (computed once)."""
+        if self._bounds is None:
             self.refresh_offsets()
-        assert self._offsets is not None
-        return self._offsets[k]
+        if self._bounds is None:
+            raise RuntimeError("this ExpandedLinear's nnz is on the meta device: load its weights first")
+        return self._bounds
+
+    def _starts_on(self, device: torch.device) -> Tensor:
+        """``[K]`` expert starts as a tensor on ``device`` (built once per device, not per call)."""
+        if self._starts is None or self._starts.device != device:
+            self._starts = torch.tensor(self.expert_bounds[:-1], dtype=torch.long, device=device)
+        return self._starts
 
     def expert_weight(self, k: int) -> Tensor:
         """Dense weight ``[out, in]`` of expert ``k`` (unpacked, or a transposed view when materialized)."""
         if self.dense_experts is not None:
             return self.dense_experts[k].t()
-        return unpack_expert(self.values, self.mask[k], self._expert_offset(k), self.in_features)
+        return unpack_expert(self.values, self.mask[k], self.expert_bounds[k], self.in_features)
 
     def expert_keep_mask(self, k: int) -> Tensor:
         """Bool keep mask ``[out, in]`` of expert ``k``."""
@@ -168,23 +207,65 @@ class ExpandedLinear(nn.Module):
                 f"routing covers {routing.num_tokens} tokens but the input has {flat.shape[0]}; the block "
                 "routing was computed for another input"
             )
+        if flat.shape[0] == 0:  # no tokens: same as nn.Linear on an empty input
+            out = flat.new_zeros(0, self.out_features)
+        elif self._on_device(flat):
+            out = self._forward_on_device(flat, routing)
+        else:
+            out = self._forward_with_host_counts(flat, routing)
+        if self.bias is not None:
+            out = out.add_(self.bias)  # `out` is always a fresh tensor here
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _on_device(self, flat: Tensor) -> bool:
+        if self.routed_path not in ROUTED_PATHS:
+            raise ValueError(f"routed_path must be one of {ROUTED_PATHS}, got {self.routed_path!r}")
+        if self.routed_path == "auto":
+            return flat.device.type != "cpu"
+        return self.routed_path == "device"
+
+    def _forward_with_host_counts(self, flat: Tensor, routing: Routing) -> Tensor:
+        """One host read of the counts; unpack only the used experts, in one call."""
         counts = routing.host_counts
         used = [k for k, c in enumerate(counts) if c]
-        if not used:  # no tokens: same as nn.Linear on an empty input
-            out = flat.new_zeros(0, self.out_features)
-        elif len(used) == 1:  # one expert for every token (typical while decoding one token)
-            out = flat @ self.expert_weight(used[0]).t()
+        if self.dense_experts is not None:
+            weights = [self.dense_experts[k] for k in used]  # [in, out] views
         else:
-            grouped = routing.grouped(flat)  # gathered once per MLP input, shared by gate and up
-            parts, start = [], 0
-            for k in used:
-                parts.append(grouped[start : start + counts[k]] @ self.expert_weight(k).t())
-                start += counts[k]
-            result = torch.cat(parts)
-            out = torch.empty_like(result).index_copy_(0, routing.order, result)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+            unpacked = unpack_experts(self.values, self.mask, self.in_features, self.expert_bounds, used)
+            weights = [w.t() for w in unpacked]
+        if len(used) == 1:  # every token on one expert (typical while decoding): one plain matmul
+            return flat @ weights[0]
+        grouped = routing.grouped(flat)  # gathered once per MLP input, shared by gate and up
+        parts, start = [], 0
+        for k, weight in zip(used, weights, strict=True):
+            parts.append(grouped[start : start + counts[k]] @ weight)
+            start += counts[k]
+        return self._scatter_back(torch.cat(parts), routing)
+
+    def _forward_on_device(self, flat: Tensor, routing: Routing) -> Tensor:
+        """No host round trip: grouped GEMM over all experts, or per-token weights for few tokens."""
+        few_tokens = flat.shape[0] < self.num_experts
+        if self.dense_experts is not None:
+            grouped = routing.grouped(flat)
+            if grouped_mm_usable(grouped, self.dense_experts):  # reads only the used experts' weights
+                return self._scatter_back(grouped_matmul(grouped, self.dense_experts, routing), routing)
+            if few_tokens:
+                return per_token_matmul(flat, self.dense_experts.index_select(0, routing.assignment))
+            return self._scatter_back(padded_matmul(grouped, self.dense_experts, routing), routing)
+        if few_tokens:  # decoding: unpack each token's expert by a device-side gather (T weights, not K)
+            starts = self._starts_on(self.values.device)
+            unpacked = unpack_experts_at(self.values, self.mask, self.in_features, starts, routing.assignment)
+            return per_token_matmul(flat, unpacked.transpose(1, 2))
+        weights = unpack_experts(self.values, self.mask, self.in_features, self.expert_bounds).transpose(1, 2)
+        grouped = routing.grouped(flat)
+        if grouped_mm_usable(grouped, weights):
+            return self._scatter_back(grouped_matmul(grouped, weights, routing), routing)
+        return self._scatter_back(padded_matmul(grouped, weights, routing), routing)
+
+    @staticmethod
+    def _scatter_back(result: Tensor, routing: Routing) -> Tensor:
+        """Rows in expert order back to token order."""
+        return torch.empty_like(result).index_copy_(0, routing.order, result)
 
     def stored_bytes(self) -> int:
         """Bytes of the packed experts, bias and own router."""
@@ -210,9 +291,8 @@ class ExpandedLinear(nn.Module):
             dense = experts.detach().to(device=self.values.device, dtype=self.values.dtype)
             self.dense_experts = dense.transpose(1, 2).contiguous()
         else:
-            self.dense_experts = torch.stack(
-                [self.expert_weight(k).t().contiguous() for k in range(self.num_experts)]
-            )
+            unpacked = unpack_experts(self.values, self.mask, self.in_features, self.expert_bounds)
+            self.dense_experts = unpacked.transpose(1, 2).contiguous()
         return self.dense_experts.numel() * self.dense_experts.element_size()
 
     def extra_repr(self) -> str:

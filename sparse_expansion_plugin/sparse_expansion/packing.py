@@ -14,6 +14,8 @@ Layout (all tensors, so they travel in a state dict):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -54,27 +56,85 @@ def unpack_mask(mask: Tensor, in_features: int) -> Tensor:
     return torch.from_numpy(unpacked.view(np.bool_))
 
 
+def expert_bounds(nnz: Tensor) -> list[int]:
+    """Where each expert's values start and end: ``[0, nnz[0], nnz[0] + nnz[1], ..., nnz_total]`` (host ints).
+
+    Computed once per layer (at build and load), so no forward reads ``nnz`` back from a device.
+    """
+    bounds = [0]
+    for count in nnz.tolist():
+        bounds.append(bounds[-1] + int(count))
+    return bounds
+
+
+def _expert_values(values: Tensor, bounds: Sequence[int], experts: Sequence[int]) -> Tensor:
+    """The values of ``experts`` (ascending) back to back: one slice per run of consecutive experts."""
+    runs: list[tuple[int, int]] = []
+    for k in experts:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    parts = [values[bounds[first] : bounds[end]] for first, end in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def unpack_experts(
+    values: Tensor,
+    mask: Tensor,
+    in_features: int,
+    bounds: Sequence[int],
+    experts: Sequence[int] | None = None,
+) -> Tensor:
+    """Dense weights ``[n, out, in]`` of ``experts`` (ascending; default all K) in one unpacking call.
+
+    ``bounds``: :func:`expert_bounds` of this layer. One ``masked_scatter_`` over
+    every requested expert: on a GPU one kernel (its size check is asynchronous,
+    no host sync); on CPU it measured as fast as numpy's boolean assignment
+    (5.3 ms vs 6.3 ms for one 1536 x 576 fp32 expert, one thread) and takes
+    every dtype (numpy has no bfloat16), so one code path serves all.
+    """
+    if experts is None or len(experts) == mask.shape[0]:
+        keep, source = unpack_mask(mask, in_features), values
+    else:
+        index = torch.tensor(list(experts), dtype=torch.long, device=mask.device)
+        keep = unpack_mask(mask.index_select(0, index), in_features)
+        source = _expert_values(values, bounds, experts)
+    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    return dense.masked_scatter_(keep, source)
+
+
+def unpack_experts_at(
+    values: Tensor, mask: Tensor, in_features: int, starts: Tensor, experts: Tensor
+) -> Tensor:
+    """Dense weights ``[n, out, in]`` of ``experts`` given as a device tensor ``[n]`` (repeats allowed).
+
+    Why a second unpacker: when the experts are only known on the device (the
+    routing of one decoded token on a GPU), slicing ``values`` would need their
+    offsets on the host (a sync). Here each kept position finds its value by a
+    prefix count of the mask bits plus the expert's start (``starts [K]`` on the
+    device): a gather, no host round trip. Costs ``int64`` index temporaries of
+    ``n * out * in`` elements, so it is meant for a few experts (decoding).
+    """
+    keep = unpack_mask(mask.index_select(0, experts), in_features).flatten(1)  # [n, out * in]
+    if values.numel() == 0:  # every expert fully pruned: nothing to gather
+        return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).view(
+            -1, mask.shape[1], in_features
+        )
+    position = torch.cumsum(keep, dim=1) - 1 + starts.index_select(0, experts).unsqueeze(1)
+    gathered = values[position.clamp_(min=0, max=values.numel() - 1)]
+    dense = torch.where(keep, gathered, torch.zeros((), dtype=values.dtype, device=values.device))
+    return dense.view(experts.shape[0], mask.shape[1], in_features)
+
+
 def unpack_expert(values: Tensor, mask: Tensor, offset: int, in_features: int) -> Tensor:
     """Dense weight ``[out, in]`` of one expert from its packed ``mask [out, ceil(in/8)]``.
 
-    ``offset`` is where this expert's values start in ``values``. Cost: one pass
-    over ``out * in`` positions; no index tensors are stored. On CPU numpy's
-    ``unpackbits`` + ``flatnonzero`` + fancy assignment is about 10x faster than
-    ``torch.masked_scatter_`` (1.6 ms vs 20 ms for a 576 x 1536 weight), which is
-    why this hot path leaves torch.
+    ``offset`` is where this expert's values start in ``values``.
     """
-    out_features = mask.shape[0]
-    if mask.device.type != "cpu" or values.dtype == torch.bfloat16:
-        keep = unpack_mask(mask, in_features)
-        count = int(keep.sum())
-        dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
-        dense.masked_scatter_(keep, values[offset : offset + count])
-        return dense
-    bits = np.unpackbits(mask.detach().numpy(), axis=-1, count=in_features).reshape(-1)
-    index = np.flatnonzero(bits)
-    dense = torch.zeros(out_features * in_features, dtype=values.dtype)
-    dense.numpy()[index] = values.detach()[offset : offset + index.size].numpy()
-    return dense.view(out_features, in_features)
+    keep = unpack_mask(mask, in_features)
+    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
+    return dense.masked_scatter_(keep, values[offset:])
 
 
 def packed_bytes(values: Tensor, mask: Tensor, nnz: Tensor) -> int:

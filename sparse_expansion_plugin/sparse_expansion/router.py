@@ -55,7 +55,9 @@ class Routing:
     assignment: ``[T]`` int64 expert index per token.
     order: ``[T]`` token indices sorted by expert (stable): expert k's tokens are
         ``order[offsets[k]:offsets[k+1]]``.
-    counts: ``[K]`` int64 tokens per expert, on the tokens' device.
+    counts: ``[K]`` int64 tokens per expert, on the tokens' device. Nothing here
+        reads the device back except :attr:`host_counts`, which only a caller
+        that wants host ints asks for (the CPU forward).
     source: the routed input itself, so layers fed the same tensor (gate and up)
         gather its rows once (:meth:`grouped`); the routing lives for one MLP call.
     """
@@ -74,7 +76,9 @@ class Routing:
             counts = torch.zeros(num_experts, dtype=torch.long, device="meta")
             return cls(assignment, torch.empty_like(assignment), counts)
         order = torch.argsort(assignment, stable=True)
-        counts = torch.bincount(assignment, minlength=num_experts)
+        # not torch.bincount: on CUDA it reads the largest index back to the host to size its output
+        counts = torch.zeros(num_experts, dtype=torch.long, device=assignment.device)
+        counts.scatter_add_(0, assignment, torch.ones_like(assignment))
         version = source._version if source is not None else -1
         return cls(assignment, order, counts, source, version)
 
@@ -86,6 +90,21 @@ class Routing:
     def host_counts(self) -> list[int]:
         """Tokens per expert as Python ints (one device-to-host copy per routing, shared by its layers)."""
         return [int(c) for c in self.counts.tolist()]
+
+    @cached_property
+    def group_ends(self) -> Tensor:
+        """``[K]`` int32 end of each expert's rows in expert order, on the device (grouped GEMM's ``offs``)."""
+        return torch.cumsum(self.counts, 0, dtype=torch.int32)
+
+    @cached_property
+    def group_starts(self) -> Tensor:
+        """``[K]`` int64 start of each expert's rows in expert order, on the device."""
+        return torch.cumsum(self.counts, 0) - self.counts
+
+    @cached_property
+    def sorted_assignment(self) -> Tensor:
+        """``[T]`` the expert of each row in expert order (``assignment[order]``), on the device."""
+        return self.assignment.index_select(0, self.order)
 
     def grouped(self, flat: Tensor) -> Tensor:
         """Rows of ``flat [T, d]`` in expert order; computed once for the routed input itself."""
