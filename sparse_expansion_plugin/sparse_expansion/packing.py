@@ -79,6 +79,14 @@ def _expert_values(values: Tensor, bounds: Sequence[int], experts: Sequence[int]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+# Positions per inner step. CPU: the step's temporaries (1 + 4 bytes per position) should stay
+# in cache: 2^18 positions measured 1.0 ms per 1536 x 576 fp32 expert, whole experts at once
+# 1.45 ms and four at once 3.7 ms. GPU: bounds masked_scatter's 8-byte prefix sum while every
+# expert of a small or medium layer still unpacks in one kernel (SmolLM2: 16 x 1536 x 576 = 14M).
+_CPU_STEP_POSITIONS = 1 << 18
+_DEVICE_STEP_POSITIONS = 1 << 27
+
+
 def unpack_experts(
     values: Tensor,
     mask: Tensor,
@@ -88,20 +96,47 @@ def unpack_experts(
 ) -> Tensor:
     """Dense weights ``[n, out, in]`` of ``experts`` (ascending; default all K) in one unpacking call.
 
-    ``bounds``: :func:`expert_bounds` of this layer. One ``masked_scatter_`` over
-    every requested expert: on a GPU one kernel (its size check is asynchronous,
-    no host sync); on CPU it measured as fast as numpy's boolean assignment
-    (5.3 ms vs 6.3 ms for one 1536 x 576 fp32 expert, one thread) and takes
-    every dtype (numpy has no bfloat16), so one code path serves all.
+    ``bounds``: :func:`expert_bounds` of this layer. On a GPU one ``masked_scatter_``
+    kernel per step (its size check is asynchronous: no host sync). On CPU each
+    kept position's value is found by a prefix count of the mask bits and one
+    ``index_select``: 1.0 ms for a 1536 x 576 fp32 expert on one thread, against
+    3.4 ms for ``masked_scatter_`` and 3.9 ms for numpy's boolean assignment
+    (why this hot path mixes numpy, whose int32 ``cumsum`` is 2x torch's, and torch).
     """
-    if experts is None or len(experts) == mask.shape[0]:
-        keep, source = unpack_mask(mask, in_features), values
-    else:
-        index = torch.tensor(list(experts), dtype=torch.long, device=mask.device)
+    chosen = list(range(mask.shape[0])) if experts is None else list(experts)
+    out_features = mask.shape[1]
+    dense = torch.empty(len(chosen), out_features, in_features, dtype=values.dtype, device=values.device)
+    if mask.device.type == "cpu":
+        rows = max(1, _CPU_STEP_POSITIONS // max(1, in_features))
+        host_mask = mask.detach().numpy()
+        for i, k in enumerate(chosen):
+            _unpack_rows_on_cpu(values.detach(), host_mask[k], in_features, bounds[k], rows, dense[i])
+        return dense
+    step = max(1, _DEVICE_STEP_POSITIONS // max(1, out_features * in_features))
+    for first in range(0, len(chosen), step):
+        group = chosen[first : first + step]
+        index = torch.tensor(group, dtype=torch.long, device=mask.device)
         keep = unpack_mask(mask.index_select(0, index), in_features)
-        source = _expert_values(values, bounds, experts)
-    dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
-    return dense.masked_scatter_(keep, source)
+        dense[first : first + len(group)].zero_().masked_scatter_(keep, _expert_values(values, bounds, group))
+    return dense
+
+
+def _unpack_rows_on_cpu(
+    values: Tensor, mask: np.ndarray, in_features: int, start: int, rows: int, target: Tensor
+) -> None:
+    """Fill ``target [out, in]`` from one expert's ``mask [out, ceil(in/8)]``, ``rows`` rows at a time.
+
+    ``rank`` (1-based running count of kept positions, 0 where not kept) indexes
+    the step's values behind one leading zero, so unkept positions read 0.
+    """
+    for first in range(0, mask.shape[0], rows):
+        bits = np.unpackbits(mask[first : first + rows], axis=-1, count=in_features).reshape(-1)
+        rank = np.cumsum(bits, dtype=np.int32)  # a step holds < 2^31 positions
+        kept = int(rank[-1])
+        rank *= bits
+        source = torch.cat([values.new_zeros(1), values[start : start + kept]])
+        torch.index_select(source, 0, torch.from_numpy(rank), out=target[first : first + rows].view(-1))
+        start += kept
 
 
 def unpack_experts_at(
