@@ -155,23 +155,32 @@ def mlp_block_ratios(model_name: str, experts: int, tokens: int, repeats: int) -
         )
     install_expanded_block(mlp, "", layers, router_in)  # gate/up routed by the block, down by its own
 
-    def seconds(module: torch.nn.Module) -> float:
-        module(x)
+    def seconds(module: torch.nn.Module, inputs: torch.Tensor, repeats: int) -> float:
+        module(inputs)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            module(x.clone())  # a new tensor each call, as in a model
+            module(inputs.clone())  # a new tensor each call, as in a model
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    dense_s = seconds(dense)
-    compact_s = seconds(mlp)
+    one_token = [x[:, i : i + 1] for i in range(0, tokens, max(1, tokens // 16))][:16]
+
+    def decode_seconds(module: torch.nn.Module) -> float:
+        """Median over 16 single tokens (routed to various experts), 5 calls each."""
+        return statistics.median(seconds(module, token, 5) for token in one_token)
+
+    dense_s, dense_decode = seconds(dense, x, repeats), decode_seconds(dense)
+    compact_s, compact_decode = seconds(mlp, x, repeats), decode_seconds(mlp)
     materialize_experts(mlp)
-    materialized_s = seconds(mlp)
+    materialized_s, materialized_decode = seconds(mlp, x, repeats), decode_seconds(mlp)
     return {
         "mlp_dense_s": dense_s,
         "mlp_ratio_compact": compact_s / dense_s,
         "mlp_ratio_materialized": materialized_s / dense_s,
+        "mlp_dense_decode_s": dense_decode,
+        "mlp_decode_ratio_compact": compact_decode / dense_decode,
+        "mlp_decode_ratio_materialized": materialized_decode / dense_decode,
     }
 
 
@@ -197,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"one MLP block, {args.forward_batch}x{args.seq_len} tokens, K={args.experts}, "
             f"{torch.get_num_threads()} threads: dense {ratios['mlp_dense_s'] * 1e3:.0f} ms; expanded "
-            f"compact {ratios['mlp_ratio_compact']:.2f}x, materialized {ratios['mlp_ratio_materialized']:.2f}x"
+            f"compact {ratios['mlp_ratio_compact']:.2f}x, materialized {ratios['mlp_ratio_materialized']:.2f}x; "
+            f"one token: dense {ratios['mlp_dense_decode_s'] * 1e3:.2f} ms; expanded compact "
+            f"{ratios['mlp_decode_ratio_compact']:.2f}x, materialized {ratios['mlp_decode_ratio_materialized']:.2f}x"
         )
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

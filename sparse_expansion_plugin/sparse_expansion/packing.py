@@ -115,8 +115,11 @@ def unpack_experts(
     step = max(1, _DEVICE_STEP_POSITIONS // max(1, out_features * in_features))
     for first in range(0, len(chosen), step):
         group = chosen[first : first + step]
-        index = torch.tensor(group, dtype=torch.long, device=mask.device)
-        keep = unpack_mask(mask.index_select(0, index), in_features)
+        if group == list(range(group[0], group[-1] + 1)):  # a slice: no index tensor copied to the device
+            keep = unpack_mask(mask[group[0] : group[-1] + 1], in_features)
+        else:
+            index = torch.tensor(group, dtype=torch.long, device=mask.device)
+            keep = unpack_mask(mask.index_select(0, index), in_features)
         dense[first : first + len(group)].zero_().masked_scatter_(keep, _expert_values(values, bounds, group))
     return dense
 
