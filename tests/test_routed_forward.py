@@ -88,6 +88,7 @@ def distributions(k: int, tokens: int) -> dict[str, torch.Tensor]:
     )  # expert 0 holds half, expert 1 none, the rest a few each
     return {
         "uneven": uneven[torch.randperm(tokens, generator=gen)],
+        "balanced": torch.arange(tokens) % k,  # padding adds little: the padded bmm
         "one_expert": torch.full((tokens,), k - 1, dtype=torch.long),
         "single_token": torch.tensor([2]),
         "fewer_tokens_than_experts": torch.tensor([3, 0, 3]),

@@ -11,7 +11,8 @@ transposed view of unpacked ``[K, out, in]`` experts). Three ways, one result
 - :func:`padded_matmul`: one ``bmm`` over groups zero-padded to the largest
   group. Its shape needs the largest count on the host (one sync per call);
   a capacity of every token (no sync) would cost K times the FLOPs and memory,
-  more than the sync saves. The fallback on an accelerator without grouped GEMM.
+  more than the sync saves. The fallback on an accelerator without grouped GEMM
+  (per-expert ``mm`` when padding would more than double the work).
 - :func:`per_token_matmul`: each token times its own expert's weight (a batched
   matrix-vector product). For calls with fewer tokens than experts (decoding):
   it touches one weight per token instead of all K, and needs no grouping.
@@ -61,14 +62,24 @@ def grouped_matmul(grouped: Tensor, weights: Tensor, routing: Routing) -> Tensor
 
 
 def padded_matmul(grouped: Tensor, weights: Tensor, routing: Routing) -> Tensor:
-    """As :func:`grouped_matmul`, by one ``bmm`` over groups padded to the largest (one host sync)."""
-    num_experts = weights.shape[0]
-    capacity = int(routing.counts.max())  # the one sync: the padded shape
+    """As :func:`grouped_matmul` without grouped GEMM: one host read of the counts, then one ``bmm``.
+
+    The ``bmm`` runs over groups zero-padded to the largest; when padding would
+    more than double the rows (unbalanced clusters: one expert holding a third
+    of the tokens pads K/3 times the input), one ``mm`` per used expert instead.
+    """
+    counts = routing.host_counts  # the one sync: the padded shape needs the largest count
+    num_experts, tokens = weights.shape[0], grouped.shape[0]
+    if num_experts * max(counts) > 2 * tokens:
+        parts, start = [], 0
+        for k, count in enumerate(counts):
+            if count:
+                parts.append(grouped[start : start + count] @ weights[k])
+                start += count
+        return torch.cat(parts)
     expert = routing.sorted_assignment  # [T]: each grouped row's expert
-    slot = torch.arange(grouped.shape[0], device=grouped.device) - routing.group_starts.index_select(
-        0, expert
-    )
-    padded = grouped.new_zeros(num_experts, capacity, grouped.shape[1])
+    slot = torch.arange(tokens, device=grouped.device) - routing.group_starts.index_select(0, expert)
+    padded = grouped.new_zeros(num_experts, max(counts), grouped.shape[1])
     padded[expert, slot] = grouped
     return torch.bmm(padded, weights)[expert, slot]
 
