@@ -311,6 +311,25 @@ def test_wrapper_loads_a_pruned_dir(tmp_path, tokenizer):
     assert (gate == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
 
 
+def test_scoring_forward_builds_no_kv_cache_and_gives_stock_logits(tiny_dir):
+    """Our ``_model_call`` asks for no KV cache (HFLM's builds one nobody reads) and returns the logits
+    stock ``HFLM._model_call`` returns."""
+    from lm_eval.models.huggingface import HFLM
+
+    from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM
+
+    lm = SparseExpansionLM(pretrained=str(tiny_dir), device="cpu", dtype="float32")
+    calls: list[dict] = []
+    lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True
+    )
+    ids = torch.tensor([[1, 500, 900, 33, 7], [4, 8, 15, 16, 23]])
+    ours = lm._model_call(ids)
+    stock = HFLM._model_call(lm, ids)
+    assert calls[0].get("use_cache") is False and calls[1].get("use_cache", True) is not False
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
+
+
 def test_parallelize_builds_a_device_map_on_cpu(tiny_dir, tmp_path):
     """parallelize=True with a CPU memory cap: accelerate splits the model between cpu and disk offload."""
     from sparse_expansion_plugin.evaluation.lm_eval_model import SparseExpansionLM

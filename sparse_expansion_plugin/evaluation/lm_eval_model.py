@@ -10,6 +10,8 @@ unchanged, so every usual ``--model_args`` keeps working. Around that:
 - "local directory or hub name?" is decided by ``data.locations``, as
   everywhere in the package; ``pretrained=smollm2-135m`` (or ``default``)
   means the embedded model;
+- the scoring forward (``_model_call``) of a causal LM asks for no KV cache,
+  which HFLM's builds and never reads (same logits, less time and memory);
 - a missing directory or one without weights fails early with a clear error;
 - under ``accelerate launch`` on CPU (or with fewer GPUs than processes),
   ``HFLM`` runs every process on all documents; we shard them by process as
@@ -84,6 +86,32 @@ class SparseExpansionLM(HFLM):
             self._world_size = accelerator.num_processes
             self._device = accelerator.device
             logger.info("data parallel: process %d of %d on %s", self._rank, self._world_size, self._device)
+
+    def _model_call(
+        self,
+        inps: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``HFLM._model_call`` without a KV cache for a causal LM's scoring forward.
+
+        Why: HFLM calls ``self.model(inps)``, so transformers builds a ``DynamicCache`` of every
+        layer's keys and values (a ``torch.cat`` per layer and call, and the cache's memory) that no
+        loglikelihood request reads. The logits are the same. ``benchmarks/eval_throughput.py
+        --compare-stock-call`` times both on one model object. Seq2seq calls (``attn_mask`` /
+        ``labels``) go to HFLM unchanged.
+        """
+        if attn_mask is not None or labels is not None or self.backend != "causal":
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            ),
+        ):
+            return self.model(inps, use_cache=False).logits
 
     def _get_config(self, pretrained: str, **kwargs: Any) -> None:
         if not is_expanded(pretrained):
