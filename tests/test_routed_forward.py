@@ -11,12 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_expansion_plugin.sparse_expansion import grouped
+from sparse_expansion_plugin.sparse_expansion import grouped, packing
 from sparse_expansion_plugin.sparse_expansion import layer as layer_module
 from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear
 from sparse_expansion_plugin.sparse_expansion.packing import (
     expert_bounds,
     pack_experts,
+    unpack_expert,
+    unpack_expert_into,
     unpack_experts,
     unpack_experts_at,
 )
@@ -141,26 +143,48 @@ def test_grouped_gemm_detected_on_cpu_and_strides_checked():
     assert not grouped.grouped_mm_usable(x, torch.randn(4, 32, 48, dtype=torch.float16))  # mixed dtypes
 
 
-def test_one_unpacking_call_per_layer_and_forward(monkeypatch):
-    """A packed forward unpacks all its used experts at once (not one call per expert)."""
-    calls: list[list[int] | None] = []
+def test_packed_forward_unpacks_only_used_experts_once(monkeypatch):
+    """CPU: each used expert once, no unused one; device: all experts in one call."""
+    per_expert: list[int] = []
+    whole: list[list[int] | None] = []
 
-    def counting(values, mask, in_features, bounds, experts=None):
-        calls.append(None if experts is None else list(experts))
+    def counting_one(values, mask, in_features, start, target):
+        per_expert.append(start)
+        return unpack_expert_into(values, mask, in_features, start, target)
+
+    def counting_all(values, mask, in_features, bounds, experts=None):
+        whole.append(None if experts is None else list(experts))
         return unpack_experts(values, mask, in_features, bounds, experts)
 
-    monkeypatch.setattr(layer_module, "unpack_experts", counting)
+    monkeypatch.setattr(layer_module, "unpack_expert_into", counting_one)
+    monkeypatch.setattr(layer_module, "unpack_experts", counting_all)
     layer = block_routed_layer(6, 48, 32, torch.float32)
     assignment = torch.tensor([0, 5, 2, 2, 5, 0, 3])
-    x = torch.randn(7, 32)
-    run(layer, x, assignment, "host")
-    assert calls == [[0, 2, 3, 5]]  # only the used experts, once
-    calls.clear()
+    run(layer, torch.randn(7, 32), assignment, "host")
+    bounds = layer.expert_bounds
+    assert per_expert == [bounds[0], bounds[2], bounds[3], bounds[5]] and whole == []
+    per_expert.clear()
     run(layer, torch.randn(7 * 2, 32), assignment.repeat(2), "device")
-    assert calls == [None]  # all experts, once, on the device forward
+    assert whole == [None] and per_expert == []  # all experts, once, on the device forward
 
 
-def test_unpackers_equal_the_bit_by_bit_reference():
+def test_input_gradient_through_the_host_forward():
+    """Autograd keeps each expert's weight: the reused unpacking buffer must not be overwritten."""
+    layer = block_routed_layer(6, 48, 32, torch.float32)
+    assignment = distributions(6, 40)["uneven"]
+    x = torch.randn(40, 32, requires_grad=True)
+    grad_out = torch.randn(40, 48)
+    run(layer, x, assignment, "host").backward(grad_out)
+    weights = slow_unpack(layer.values, layer.mask, 32)
+    expected = torch.stack([g.double() @ weights[int(k)] for g, k in zip(grad_out, assignment, strict=True)])
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("step", [None, 40], ids=["one_step", "steps_of_two_rows"])
+def test_unpackers_equal_the_bit_by_bit_reference(step, monkeypatch):
+    if step is not None:  # CPU unpacking works a few rows at a time on large experts
+        monkeypatch.setattr(packing, "_CPU_STEP_POSITIONS", step)
     gen = torch.Generator().manual_seed(3)
     keep = torch.rand(5, 7, 21, generator=gen) > 0.4  # 21 columns: a partial last mask byte
     weights = torch.randn(5, 7, 21, generator=gen) * keep
@@ -171,6 +195,8 @@ def test_unpackers_equal_the_bit_by_bit_reference():
     assert torch.equal(unpack_experts(values, mask, 21, bounds).double(), expected)
     for subset in ([0, 2, 3], [4], [1, 2]):
         assert torch.equal(unpack_experts(values, mask, 21, bounds, subset).double(), expected[subset])
+    for k in range(5):
+        assert torch.equal(unpack_expert(values, mask[k], bounds[k], 21).double(), expected[k])
     starts = torch.tensor(bounds[:-1])
     index = torch.tensor([3, 0, 3, 4])  # repeats allowed
     assert torch.equal(unpack_experts_at(values, mask, 21, starts, index).double(), expected[index])

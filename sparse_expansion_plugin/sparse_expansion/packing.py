@@ -107,10 +107,8 @@ def unpack_experts(
     out_features = mask.shape[1]
     dense = torch.empty(len(chosen), out_features, in_features, dtype=values.dtype, device=values.device)
     if mask.device.type == "cpu":
-        rows = max(1, _CPU_STEP_POSITIONS // max(1, in_features))
-        host_mask = mask.detach().numpy()
         for i, k in enumerate(chosen):
-            _unpack_rows_on_cpu(values.detach(), host_mask[k], in_features, bounds[k], rows, dense[i])
+            unpack_expert_into(values, mask[k], in_features, bounds[k], dense[i])
         return dense
     step = max(1, _DEVICE_STEP_POSITIONS // max(1, out_features * in_features))
     for first in range(0, len(chosen), step):
@@ -124,22 +122,26 @@ def unpack_experts(
     return dense
 
 
-def _unpack_rows_on_cpu(
-    values: Tensor, mask: np.ndarray, in_features: int, start: int, rows: int, target: Tensor
-) -> None:
-    """Fill ``target [out, in]`` from one expert's ``mask [out, ceil(in/8)]``, ``rows`` rows at a time.
+def unpack_expert_into(values: Tensor, mask: Tensor, in_features: int, start: int, target: Tensor) -> Tensor:
+    """Fill ``target [out, in]`` (CPU, contiguous) with the expert whose ``mask [out, ceil(in/8)]``
+    and values starting at ``start`` are given; returns ``target``.
 
-    ``rank`` (1-based running count of kept positions, 0 where not kept) indexes
-    the step's values behind one leading zero, so unkept positions read 0.
+    Works ``_CPU_STEP_POSITIONS`` positions at a time: ``rank`` (1-based running
+    count of kept positions, 0 where not kept) indexes the step's values behind
+    one leading zero, so unkept positions read 0. Filling a buffer the caller
+    reuses spares a fresh allocation (and its page faults) per expert.
     """
-    for first in range(0, mask.shape[0], rows):
-        bits = np.unpackbits(mask[first : first + rows], axis=-1, count=in_features).reshape(-1)
+    host_mask, flat_values = mask.detach().numpy(), values.detach()
+    rows = max(1, _CPU_STEP_POSITIONS // max(1, in_features))
+    for first in range(0, host_mask.shape[0], rows):
+        bits = np.unpackbits(host_mask[first : first + rows], axis=-1, count=in_features).reshape(-1)
         rank = np.cumsum(bits, dtype=np.int32)  # a step holds < 2^31 positions
         kept = int(rank[-1])
         rank *= bits
-        source = torch.cat([values.new_zeros(1), values[start : start + kept]])
+        source = torch.cat([flat_values.new_zeros(1), flat_values[start : start + kept]])
         torch.index_select(source, 0, torch.from_numpy(rank), out=target[first : first + rows].view(-1))
         start += kept
+    return target
 
 
 def unpack_experts_at(
@@ -170,6 +172,9 @@ def unpack_expert(values: Tensor, mask: Tensor, offset: int, in_features: int) -
 
     ``offset`` is where this expert's values start in ``values``.
     """
+    if mask.device.type == "cpu":
+        target = torch.empty(mask.shape[0], in_features, dtype=values.dtype)
+        return unpack_expert_into(values, mask, in_features, offset, target)
     keep = unpack_mask(mask, in_features)
     dense = torch.zeros(keep.shape, dtype=values.dtype, device=values.device)
     return dense.masked_scatter_(keep, values[offset:])
