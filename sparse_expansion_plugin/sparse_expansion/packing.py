@@ -123,9 +123,9 @@ def unpack_experts(
 
 
 def unpack_expert_into(values: Tensor, mask: Tensor, in_features: int, start: int, target: Tensor) -> Tensor:
-    """Fill ``target [out, in]`` (CPU, contiguous) with the expert whose ``mask [out, ceil(in/8)]``
-    and values starting at ``start`` are given; returns ``target``.
+    """Fill ``target [out, in]`` (CPU, contiguous) with one expert; returns ``target``.
 
+    ``mask [out, ceil(in/8)]`` is the expert's bitmask, ``start`` where its values begin.
     Works ``_CPU_STEP_POSITIONS`` positions at a time: ``rank`` (1-based running
     count of kept positions, 0 where not kept) indexes the step's values behind
     one leading zero, so unkept positions read 0. Filling a buffer the caller
