@@ -121,9 +121,13 @@ def test_batch_size_auto_detects_a_batch_and_gives_the_same_perplexity(saved, to
     assert value == pytest.approx(reference(model, tokenizer), rel=1e-4)
 
 
-def test_accelerate_data_parallel_on_an_expanded_dir_equals_one_process(saved, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_size", ["4", "auto:1"])
+def test_accelerate_data_parallel_on_an_expanded_dir_equals_one_process(
+    saved, tmp_path, monkeypatch, batch_size
+):
     """Two processes under ``accelerate launch`` (gloo on CPU) each load the expanded directory, score
-    half of the windows, and the gathered perplexity equals the one-process run's."""
+    half of the windows, and the gathered perplexity equals the one-process run's; with
+    ``batch_size=auto`` the processes agree on a batch size through lm-eval's all_gather."""
     import os
     import subprocess
     import sys
@@ -133,6 +137,11 @@ def test_accelerate_data_parallel_on_an_expanded_dir_equals_one_process(saved, t
 
     from sparse_expansion_plugin.evaluation.lm_eval_cli import main
 
+    def args(out: Path) -> list[str]:
+        listed = cli_args(path, out)
+        listed[listed.index("--batch_size") + 1] = batch_size
+        return [*listed, "--max_batch_size", "4"]  # auto: two batches of the 8 windows per process
+
     path, _ = saved["expanded"]
     monkeypatch.setattr(sys, "argv", ["sparse-expansion-lm-eval"])
     assert main(cli_args(path, tmp_path / "one")) == 0
@@ -141,11 +150,13 @@ def test_accelerate_data_parallel_on_an_expanded_dir_equals_one_process(saved, t
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["--main_process_port", str(free_port())]
-    command += ["-m", "sparse_expansion_plugin.evaluation.lm_eval_cli", *cli_args(path, tmp_path / "two")]
+    command += ["-m", "sparse_expansion_plugin.evaluation.lm_eval_cli", *args(tmp_path / "two")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on rank 1" in run.stderr, "the second process did not take part"
+    if batch_size.startswith("auto"):
+        assert run.stdout.count("Determined largest batch size: 4") == 2, run.stdout[-2000:]
     parallel, parallel_samples = read_run(tmp_path / "two")
     assert single_samples == parallel_samples == CLI_WINDOWS
     assert parallel == pytest.approx(single, rel=1e-6)
