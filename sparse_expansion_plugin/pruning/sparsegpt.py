@@ -103,6 +103,17 @@ def _upper_cholesky_of_inverse(hessian: Tensor, dampening_frac: float) -> Tensor
     return out
 
 
+SUB_BLOCK_COLUMNS = 16
+"""Columns per inner lazy-update step of the solver (rounded up to a multiple of M for N:M)."""
+
+
+def _sub_block_size(prune_m: int) -> int:
+    """Inner step: ``SUB_BLOCK_COLUMNS``, a whole number of N:M groups (a group must be up to date)."""
+    if prune_m <= 0:
+        return SUB_BLOCK_COLUMNS
+    return prune_m * max(1, SUB_BLOCK_COLUMNS // prune_m)
+
+
 def _rows_zero_counts(sparsity: Tensor, num_experts: int, num_rows: int, num_columns: int) -> Tensor:
     """Per-row fractions ``[out]`` or ``[E, out]`` -> exact zero counts ``[E, out]`` int64."""
     if sparsity.dim() == 1:
@@ -228,28 +239,31 @@ def sparsegpt_prune(
 
     row_w = _weights(row_weight, num_experts, num_rows, "row_weight", W)  # [E, out, 1] or None
     col_w = _weights(column_weight, num_experts, num_columns, "column_weight", W)  # [E, n, 1] or None
-    if col_w is not None:
-        col_w = col_w.transpose(1, 2)  # [E, 1, n]
+    if row_w is not None:
+        row_w = row_w.transpose(1, 2)  # [E, 1, out]: rows are the last axis in the layout below
 
     Hinv = _upper_cholesky_of_inverse(H, dampening_frac)
     del H
-    pruned = torch.zeros_like(W, dtype=torch.bool)
+    # Hot loop layout: the weight transposed to [E, n, out], so that column i of every expert is
+    # one contiguous [E, out] slice and the updates below are plain batched GEMMs on contiguous rows.
+    Wt = W.transpose(1, 2).contiguous()
+    del W
+    pruned = torch.zeros_like(Wt, dtype=torch.bool)  # [E, n, out]
+    step = _sub_block_size(prune_m)
 
     for i1 in range(0, num_columns, block_size):
         i2 = min(i1 + block_size, num_columns)
         count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[:, i1:i2]  # a view: the block is solved in place
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        hdiag1 = Hinv1.diagonal(dim1=-2, dim2=-1)  # [E, count]
+        hdiag1 = Hinv1.diagonal(dim1=-2, dim2=-1)[:, :, None]  # [E, count, 1]
 
         if prune_n == 0:
-            saliency = W1**2 / hdiag1[:, None, :] ** 2
+            saliency = W1**2 / hdiag1**2  # [E, count, out]
             if row_w is not None:
                 saliency = saliency * row_w
             if col_w is not None:
-                saliency = saliency * col_w[:, :, i1:i2]
+                saliency = saliency * col_w[:, i1:i2]
             if zeros_total is not None:
                 k = torch.div(zeros_total * i2, num_columns, rounding_mode="floor") - torch.div(
                     zeros_total * i1, num_columns, rounding_mode="floor"
@@ -268,31 +282,43 @@ def sparsegpt_prune(
             else:
                 before = torch.div(row_counts * i1, num_columns, rounding_mode="floor")
                 upto = torch.div(row_counts * i2, num_columns, rounding_mode="floor")
-                order = torch.argsort(saliency, dim=-1, stable=True)
-                ranks = torch.arange(count, device=W.device).expand_as(order)
+                order = torch.argsort(saliency, dim=1, stable=True)
+                ranks = torch.arange(count, device=Wt.device)[None, :, None].expand_as(order)
                 mask1 = torch.zeros_like(saliency, dtype=torch.bool)
-                mask1.scatter_(-1, order, ranks < (upto - before)[..., None])
+                mask1.scatter_(1, order, ranks < (upto - before)[:, None, :])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        # err_i = w_i / [H^-1]_ii on pruned weights, 0 on kept ones: one multiply per column below
+        scale = mask1 / hdiag1
+        Err1 = torch.empty_like(W1)
 
-        for i in range(count):
-            w = W1[:, :, i]
-            d = Hinv1[:, i, i]  # [E]
-            if prune_n != 0 and i % prune_m == 0:
-                group = W1[:, :, i : i + prune_m] ** 2 / hdiag1[:, None, i : i + prune_m] ** 2
-                if col_w is not None:
-                    group = group * col_w[:, :, i1 + i : i1 + i + prune_m]
-                mask1.scatter_(2, i + torch.topk(group, prune_n, dim=2, largest=False)[1], True)
-            q = w.masked_fill(mask1[:, :, i], 0.0)  # not ``q[mask] = 0``: boolean indexing syncs a nonzero()
-            Q1[:, :, i] = q
-            err1 = (w - q) / d[:, None]
-            W1[:, :, i:] -= err1.unsqueeze(2).matmul(Hinv1[:, i : i + 1, i:])
-            Err1[:, :, i] = err1
+        # Two-level lazy updates: inside a sub-block of ``step`` columns the OBS update is a rank-1
+        # update of the sub-block's remaining columns only; the rest of the block gets the sub-block's
+        # errors in one GEMM. Same sums as the column-by-column stock loop, reassociated: the stock
+        # loop streams the whole remaining block ([E, out, <=128]) through memory once per column,
+        # which dominated Sparse Expansion's compression time (K experts per linear).
+        for j1 in range(0, count, step):
+            j2 = min(j1 + step, count)
+            for i in range(j1, j2):
+                if prune_n != 0 and i % prune_m == 0:
+                    group = W1[:, i : i + prune_m] ** 2 / hdiag1[:, i : i + prune_m] ** 2
+                    if col_w is not None:
+                        group = group * col_w[:, i1 + i : i1 + i + prune_m]
+                    mask1.scatter_(1, i + torch.topk(group, prune_n, dim=1, largest=False)[1], True)
+                    scale[:, i : i + prune_m] = mask1[:, i : i + prune_m] / hdiag1[:, i : i + prune_m]
+                err = torch.mul(W1[:, i], scale[:, i], out=Err1[:, i])
+                if i + 1 < j2:
+                    W1[:, i + 1 : j2].addcmul_(Hinv1[:, i, i + 1 : j2, None], err[:, None, :], value=-1.0)
+            if j2 < count:
+                W1[:, j2:].baddbmm_(Hinv1[:, j1:j2, j2:].transpose(1, 2), Err1[:, j1:j2], alpha=-1.0)
 
-        W[:, :, i1:i2] = Q1
-        pruned[:, :, i1:i2] = mask1
-        W[:, :, i2:] -= Err1.matmul(Hinv[:, i1:i2, i2:])
+        W1.masked_fill_(mask1, 0.0)  # column i is final once solved: its pruned weights become zeros
+        pruned[:, i1:i2] = mask1
+        if i2 < num_columns:
+            Wt[:, i2:].baddbmm_(Hinv[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1.0)
 
+    W = Wt.transpose(1, 2).contiguous()
+    pruned = pruned.transpose(1, 2).contiguous()
     keep = ~pruned
     W = W.to(out_dtype)
     if not batched:
