@@ -128,3 +128,20 @@ def test_bad_router_inputs():
         pca_components_for(8, 32, 9)
     assert pca_components_for(576, 32, None) == 18
     assert pca_components_for(16, 32, None) == 1
+
+
+def test_routing_groups_match_numpy():
+    """Counts, group bounds and the expert of each grouped row, against numpy on the same assignment."""
+    from sparse_expansion_plugin.sparse_expansion.router import Routing
+
+    assignment = torch.tensor([3, 0, 3, 5, 0, 3, 1, 5, 3])  # experts 2 and 4 empty
+    routing = Routing.from_assignment(assignment, 6)
+    counts = np.bincount(assignment.numpy(), minlength=6)
+    np.testing.assert_array_equal(routing.counts.numpy(), counts)
+    assert routing.host_counts == counts.tolist()
+    np.testing.assert_array_equal(routing.group_ends.numpy(), np.cumsum(counts))
+    assert routing.group_ends.dtype == torch.int32  # grouped GEMM's offsets type
+    np.testing.assert_array_equal(routing.group_starts.numpy(), np.cumsum(counts) - counts)
+    order = np.argsort(assignment.numpy(), kind="stable")
+    np.testing.assert_array_equal(routing.order.numpy(), order)
+    np.testing.assert_array_equal(routing.sorted_assignment.numpy(), assignment.numpy()[order])
