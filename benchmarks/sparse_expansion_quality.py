@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --output (same arguments) and run only the variants missing there",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
@@ -196,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[dict[str, Any]] = []
     expanded: dict[int, torch.nn.Module] = {}
+    if args.resume and args.output and args.output.exists():
+        results = json.loads(args.output.read_text())["results"]
+        logger.info("resuming: %s already measured", [r["variant"] for r in results])
 
     def compress(modifier: Any) -> tuple[torch.nn.Module, float]:
         """A fresh copy of the model compressed by ``modifier``: every variant sees the same windows."""
@@ -235,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
             atomic_write_text(args.output, json.dumps(payload, indent=1))
 
+    done = {r["variant"] for r in results}
     for variant in args.variants:
+        if variant in done:
+            continue
         base_variant, *extras = variant.split("+")
         kind, _, spec = base_variant.partition(":")
         variant_options = {**se_options, **{k: parse_value(v) for k, v in (e.split("=", 1) for e in extras)}}
