@@ -11,7 +11,9 @@ request bookkeeping, and the forward passes. lm-eval's task index (every
 built-in YAML, about 5 s here) is built once outside the timed region, as in
 a Python loop over models; one CLI invocation pays it once more, so the ratio
 with it included is printed too. Fixed costs weigh less as windows grow.
-Prints both perplexities (they must agree to 1e-4) and peak RSS.
+Prints both perplexities (they must agree to 1e-4) and peak RSS. ``--compare-stock-call`` also
+times lm-eval with HFLM's own ``_model_call`` (which builds a KV cache per forward) on the same
+object, set as an attribute of that one instance and removed after: what our override saves.
 
     flock /tmp/heavy.lock python benchmarks/eval_throughput.py --windows 24 --seq-len 512 --batch-size 4
 """
