@@ -244,11 +244,13 @@ class ExpandedLinear(nn.Module):
         if self.dense_experts is None and not keeps_weights:
             buffer = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype)
         grouped = routing.grouped(flat)  # gathered once per MLP input, shared by gate and up
-        parts, start = [], 0
-        for k in used:
-            parts.append(grouped[start : start + counts[k]] @ self._host_weight(k, buffer))
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        start = 0
+        for k in used:  # each expert's rows straight to their tokens' places (no concatenation pass)
+            rows = slice(start, start + counts[k])
+            out.index_copy_(0, routing.order[rows], grouped[rows] @ self._host_weight(k, buffer))
             start += counts[k]
-        return self._scatter_back(torch.cat(parts), routing)
+        return out
 
     def _host_weight(self, k: int, buffer: Tensor | None) -> Tensor:
         """Expert ``k`` as ``[in, out]``: a view of its dense copy, or unpacked (into ``buffer`` if given)."""
