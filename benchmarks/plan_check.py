@@ -123,8 +123,11 @@ def measure(
     torch.manual_seed(0)
     config = one_layer_config(hidden, intermediate)
     model = LlamaForCausalLM(config).eval()
-    modifier = SparseExpansionModifier(
-        num_experts=experts, router_fit_tokens=router_fit_tokens, materialize_while_calibrating=False
+    modifier = SparseExpansionModifier(  # the planner counts a router of the down projection's own
+        num_experts=experts,
+        router_fit_tokens=router_fit_tokens,
+        materialize_while_calibrating=False,
+        share_router_with_down=False,
     )
     modifier.on_initialize(SimpleNamespace(model=model))
     baseline = _peak_rss_bytes()

@@ -35,8 +35,11 @@ def _tensor_bytes(tensors) -> int:
 
 def _expand(model: torch.nn.Module, num_experts: int, mask_structure: str, tokens: int = 256) -> None:
     """Expand every FFN linear of ``model`` with the modifier, fed random batches through its hooks."""
-    modifier = SparseExpansionModifier(
-        num_experts=num_experts, mask_structure=mask_structure, materialize_while_calibrating=False
+    modifier = SparseExpansionModifier(  # the planner counts a router of the down projection's own
+        num_experts=num_experts,
+        mask_structure=mask_structure,
+        materialize_while_calibrating=False,
+        share_router_with_down=False,
     )
     modifier.on_initialize(SimpleNamespace(model=model))
     gen = torch.Generator().manual_seed(0)

@@ -69,7 +69,10 @@ MLP = [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_
 
 @pytest.fixture(scope="module")
 def expanded4(tiny_dir):
-    return compress(tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)])
+    # own down-projection routers: the path the default takes where gate/up have no common router
+    return compress(
+        tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0, share_router_with_down=False)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,9 @@ def test_generate_with_kv_cache_matches_full_recompute(expanded4):
 
 
 def test_same_seed_same_model_and_down_calibration_modes(tiny_dir, expanded4):
-    again = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)])
+    again = compress(
+        tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0, share_router_with_down=False)]
+    )
     for name, layer in expanded_linears(expanded4).items():
         other = again.get_submodule(name)
         assert torch.equal(layer.values, other.values) and torch.equal(layer.mask, other.mask)
@@ -159,7 +164,10 @@ def test_same_seed_same_model_and_down_calibration_modes(tiny_dir, expanded4):
     for i in range(2):
         block, other_block = expanded4.model.layers[i].mlp, again.model.layers[i].mlp
         assert torch.equal(block.se_router.weight, other_block.se_router.weight)
-    expanded = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, down_calibration="expanded")])
+    expanded = compress(
+        tiny_dir,
+        [SparseExpansionModifier(num_experts=4, down_calibration="expanded", share_router_with_down=False)],
+    )
     first = expanded.model.layers[0].mlp
     # gate/up are fitted on the same inputs either way; down sees different (expanded) inputs
     assert torch.equal(first.gate_proj.values, expanded4.model.layers[0].mlp.gate_proj.values)
@@ -250,15 +258,39 @@ def test_gpt2_conv1d_mlp_is_expanded_and_matches_its_experts(tmp_path):
     )
     fc = layers["transformer.h.0.mlp.c_fc"]
     assert (fc.in_features, fc.out_features) == (32, 64)
+    proj = layers["transformer.h.0.mlp.c_proj"]
+    mlp = model.transformer.h[0].mlp
+    assert fc.router is None and proj.router is None  # one router per block, c_proj included (default)
     x = torch.randn(5, 32)
-    routing = fc.router(x)
+    routing = mlp.se_router(x)
     expected = torch.stack(
-        [fc.expert_weight(int(k)) @ row + fc.bias for row, k in zip(x, routing.assignment, strict=True)]
+        [
+            proj.expert_weight(int(k)) @ mlp.act(fc.expert_weight(int(k)) @ row + fc.bias) + proj.bias
+            for row, k in zip(x, routing.assignment, strict=True)
+        ]
     )
-    torch.testing.assert_close(fc(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(set(routing.assignment.tolist())) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
     ids = torch.tensor(calibration(1, 8, seed=2)["input_ids"])
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_down_projection_shares_the_block_router_by_default_where_it_can(tiny_dir):
+    shared = compress(tiny_dir, [SparseExpansionModifier(num_experts=4)])
+    for layer in shared.model.layers:  # one router per block: gate, up and down all routed by it
+        assert layer.mlp.se_router is not None and layer.mlp.down_proj.router is None
+        assert layer.mlp.down_proj.block_routing is None  # handed over only during a call
+    # gate and up with a router each: the default falls back to the down projection's own router
+    separate = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, share_gate_up_router=False)])
+    mlp = separate.model.layers[0].mlp
+    assert mlp.gate_proj.router is not None and mlp.down_proj.router is not None
+    with pytest.raises(ValueError, match="share_router_with_down: true needs"):
+        compress(
+            tiny_dir,
+            [SparseExpansionModifier(num_experts=4, share_gate_up_router=False, share_router_with_down=True)],
+        )
 
 
 def test_down_projection_can_share_the_mlp_router(tiny_dir, tmp_path):
@@ -426,7 +458,7 @@ def test_disk_offloaded_compression_equals_in_memory(tiny_dir, expanded4, tmp_pa
         model=model,
         processor=tiny_tokenizer(),
         dataset=calibration(16, 32),
-        recipe=[SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)],
+        recipe=[SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0, share_router_with_down=False)],
         num_calibration_samples=16,
         max_seq_length=32,
     )
