@@ -49,7 +49,8 @@ def test_demo_writes_table_models_and_plots(tiny_model_dir, tmp_path, capsys):
     assert "log-perplexity gap SparseGPT->dense closed by Sparse Expansion" in printed
     assert "Sparse Expansion clusters: MLP input: smallest cluster" in printed
     # FLOPs per token, by hand: 2 per FFN weight for dense and SparseGPT (dense kernel); the expanded
-    # model adds its routers (2 K d per router: the block router on the hidden size, down's own)
+    # model adds its routers (2 K d per router): by default one per MLP block, on the hidden size, which
+    # routes gate, up and down alike
     config_json = json.loads((tiny_model_dir / "config.json").read_text())
     hidden, inter, layers = (
         config_json["hidden_size"],
@@ -57,7 +58,7 @@ def test_demo_writes_table_models_and_plots(tiny_model_dir, tmp_path, capsys):
         config_json["num_hidden_layers"],
     )
     ffn = layers * 3 * hidden * inter * 2
-    routers = layers * 2 * 2 * (hidden + inter)
+    routers = layers * 2 * 2 * hidden
     assert [r["ffn_mflops_per_token"] * 1e6 for r in rows] == pytest.approx([ffn, ffn, ffn + routers])
     # The SparseGPT model that was saved really is 50% sparse in its FFN linears, and only there.
     pruned = AutoModelForCausalLM.from_pretrained(out / "sparsegpt")
