@@ -23,6 +23,7 @@ from sparse_expansion_plugin.cli import main
 from sparse_expansion_plugin.modeling.targets import ffn_blocks
 from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
+from sparse_expansion_plugin.sparse_expansion.packing import unpack_experts
 from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 from sparse_expansion_plugin.sparse_expansion.plan import kept_per_expert, plan_expansion
 
@@ -103,6 +104,28 @@ def test_planned_expert_bytes_and_flops_equal_an_expanded_model(mask_structure, 
     # cost.py averages kept values over experts (int of a mean); the plan counts one expert exactly
     assert abs(sum(x.nonzero_flops for x in plan.layers) - cost.routed_flops_per_token_nonzero) <= 2 * 6
     assert plan.density == pytest.approx(cost.density_mean, abs=1e-9 if not slack else 1e-4)
+
+
+def test_packed_inference_peak_counts_the_gpu_unpacking_of_the_largest_linear():
+    """A packed model on a GPU needs its weights plus, for a moment, one linear's K experts dense
+    (the tensor ``unpack_experts`` returns, measured here) and its step's mask and prefix sum."""
+    model = make_tiny_llama(layers=2, hidden=64, intermediate=160)
+    plan = plan_expansion(model.config, num_experts=3, calibration_tokens=512, dtype="float32")
+    blocks = ffn_blocks(model)
+    _expand(model, 3, "0:0")
+    largest = 0
+    for block in blocks:
+        for name in (*block.inputs, block.output):
+            linear = model.get_submodule(name)
+            dense = unpack_experts(linear.values, linear.mask, linear.in_features, linear.expert_bounds)
+            largest = max(largest, dense.numel() * dense.element_size())
+    positions = largest // (3 * 4)
+    assert plan.unpack_transient_bytes == largest + 3 * positions * (1 + 8)
+    weights = plan.packed_model_bytes
+    assert plan.inference_peak_bytes("packed") == weights + plan.unpack_transient_bytes
+    assert plan.inference_fits(weights + plan.unpack_transient_bytes - 1, "packed") is False
+    assert plan.inference_fits(weights + plan.unpack_transient_bytes, "packed") is True
+    assert plan.inference_fits(plan.dense_experts_model_bytes, "dense") is True  # nothing unpacked
 
 
 @pytest.mark.parametrize(("out", "n", "sparsity"), [(7, 300, 0.5), (64, 128, 0.3), (5, 129, 0.0)])

@@ -168,6 +168,37 @@ def test_packed_forward_unpacks_only_used_experts_once(monkeypatch):
     assert whole == [None] and per_expert == []  # all experts, once, on the device forward
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_device_decoding_gathers_only_while_that_allocates_less(monkeypatch, dtype):
+    """Fewer tokens than experts: the per-token gather holds ~17 bytes per weight position and
+    token (bool mask, two int64 index tensors); unpacking all K holds K dense experts plus one
+    step's mask and int64 prefix sum (9 bytes per position). The forward must pick the smaller,
+    and give the reference result either way."""
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(layer_module, name, wrapped)
+
+    spy("unpack_experts", unpack_experts)
+    spy("unpack_experts_at", unpack_experts_at)
+    k, out, inp = 6, 48, 32
+    layer = block_routed_layer(k, out, inp, dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+    positions = out * inp
+    whole = k * positions * size + k * positions * 9  # one step holds every expert of a small layer
+    for tokens in range(1, k):
+        calls.clear()
+        assignment = torch.arange(tokens) % k
+        x = torch.randn(tokens, inp).to(dtype)
+        assert_matches(run(layer, x, assignment, "device"), reference(layer, x, assignment), dtype)
+        expected = "unpack_experts_at" if tokens * positions * 17 <= whole else "unpack_experts"
+        assert calls == [expected], (tokens, calls)
+
+
 def test_input_gradient_through_the_host_forward():
     """Autograd keeps each expert's weight: the reused unpacking buffer must not be overwritten."""
     layer = block_routed_layer(6, 48, 32, torch.float32)

@@ -43,7 +43,9 @@ from sparse_expansion_plugin.sparse_expansion.grouped import (
     per_token_matmul,
 )
 from sparse_expansion_plugin.sparse_expansion.packing import (
+    device_unpack_bytes,
     expert_bounds,
+    gather_unpack_bytes,
     pack_experts,
     packed_bytes,
     unpack_expert,
@@ -264,7 +266,8 @@ class ExpandedLinear(nn.Module):
 
     def _forward_on_device(self, flat: Tensor, routing: Routing) -> Tensor:
         """No host round trip: grouped GEMM over all experts, or per-token weights for few tokens."""
-        few_tokens = flat.shape[0] < self.num_experts
+        tokens = flat.shape[0]
+        few_tokens = tokens < self.num_experts
         if self.dense_experts is not None:
             grouped = routing.grouped(flat)
             if grouped_mm_usable(grouped, self.dense_experts):  # reads only the used experts' weights
@@ -272,7 +275,10 @@ class ExpandedLinear(nn.Module):
             if few_tokens:
                 return per_token_matmul(flat, self.dense_experts.index_select(0, routing.assignment))
             return self._scatter_back(padded_matmul(grouped, self.dense_experts, routing), routing)
-        if few_tokens:  # decoding: unpack each token's expert by a device-side gather (T weights, not K)
+        positions = self.out_features * self.in_features
+        if few_tokens and gather_unpack_bytes(tokens, positions) <= device_unpack_bytes(
+            self.num_experts, positions, self.values.element_size()
+        ):  # decoding: each token's expert by a device-side gather (T weights, not K), when it allocates less
             starts = self._starts_on(self.values.device)
             unpacked = unpack_experts_at(self.values, self.mask, self.in_features, starts, routing.assignment)
             return per_token_matmul(flat, unpacked.transpose(1, 2))

@@ -84,7 +84,25 @@ def _expert_values(values: Tensor, bounds: Sequence[int], experts: Sequence[int]
 # 1.45 ms and four at once 3.7 ms. GPU: bounds masked_scatter's 8-byte prefix sum while every
 # expert of a small or medium layer still unpacks in one kernel (SmolLM2: 16 x 1536 x 576 = 14M).
 _CPU_STEP_POSITIONS = 1 << 18
-_DEVICE_STEP_POSITIONS = 1 << 27
+DEVICE_STEP_POSITIONS = 1 << 27
+"""Positions (``experts * out * in``) one off-CPU unpacking step covers."""
+# Transient device bytes per weight position, read off the ops below: one unpacking step holds the
+# bool keep mask and masked_scatter_'s int64 prefix sum; the gather holds the keep mask and two
+# int64 index tensors at its widest (values and the result come to 2b <= 8 bytes, less).
+UNPACK_STEP_BYTES_PER_POSITION = 1 + 8
+GATHER_BYTES_PER_POSITION = 1 + 8 + 8
+
+
+def device_unpack_bytes(num_experts: int, positions: int, element_size: int) -> int:
+    """Device bytes :func:`unpack_experts` allocates off CPU for all ``num_experts`` experts of
+    ``positions = out * in`` weights: the dense result plus one step's mask and prefix sum."""
+    step_experts = min(num_experts, max(1, DEVICE_STEP_POSITIONS // max(1, positions)))
+    return num_experts * positions * element_size + step_experts * positions * UNPACK_STEP_BYTES_PER_POSITION
+
+
+def gather_unpack_bytes(tokens: int, positions: int) -> int:
+    """Device bytes :func:`unpack_experts_at` allocates for ``tokens`` experts of ``positions`` weights."""
+    return tokens * positions * GATHER_BYTES_PER_POSITION
 
 
 def unpack_experts(
@@ -110,7 +128,7 @@ def unpack_experts(
         for i, k in enumerate(chosen):
             unpack_expert_into(values, mask[k], in_features, bounds[k], dense[i])
         return dense
-    step = max(1, _DEVICE_STEP_POSITIONS // max(1, out_features * in_features))
+    step = max(1, DEVICE_STEP_POSITIONS // max(1, out_features * in_features))
     for first in range(0, len(chosen), step):
         group = chosen[first : first + step]
         if group == list(range(group[0], group[-1] + 1)):  # a slice: no index tensor copied to the device

@@ -38,7 +38,12 @@ the expansion's working set with measured peaks.
 Inference: packed experts (values + bitmask, ``packing.py``), PyTorch
 semi-structured 2:4 (values + 1/8 byte of metadata per position, only for
 ``2:4``), or dense expert copies; FLOPs per token of the FFN linears as
-``cost.py`` counts them.
+``cost.py`` counts them. Packed experts on a GPU are unpacked per call: the
+forward of one linear holds all K of its experts dense for a moment, plus the
+bool mask and ``masked_scatter_``'s int64 prefix sum of one unpacking step
+(``packing.device_unpack_bytes``; decoding's per-token gather is only taken
+when it needs less), so a packed model needs its weights plus the largest such
+transient (:meth:`Plan.inference_peak_bytes`). Activations are not counted.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from sparse_expansion_plugin.sparse_expansion.packing import device_unpack_bytes
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 """Bytes per weight value of the model dtypes a plan accepts."""
@@ -143,6 +150,7 @@ class LayerPlan:
     semi_structured_bytes: int | None
     dense_expert_bytes: int
     router_bytes: int
+    unpack_transient_bytes: int  # packed experts on a GPU: the largest linear's per-call unpacking
     dense_flops: int
     routed_flops: int
     nonzero_flops: int
@@ -239,17 +247,27 @@ class Plan:
             raise ValueError(f"gpu_memory_bytes must be positive, got {gpu_memory_bytes}")
         return self.gpu_peak_bytes <= gpu_memory_bytes
 
-    def inference_fits(self, gpu_memory_bytes: int, storage: str = "packed") -> bool | None:
-        """Whether the whole expanded model's weights fit one device (``packed``, ``semi_structured``,
-        ``dense``); None for ``semi_structured`` when the experts are not 2:4."""
+    @property
+    def unpack_transient_bytes(self) -> int:
+        """Packed experts on a GPU: the largest one-linear unpacking transient of the model."""
+        return max(layer.unpack_transient_bytes for layer in self.layers)
+
+    def inference_peak_bytes(self, storage: str = "packed") -> int | None:
+        """Weights of the whole expanded model on one device plus, for ``packed`` experts, the
+        largest unpacking transient (activations aside); None for ``semi_structured`` unless 2:4."""
         sizes = {
-            "packed": self.packed_model_bytes,
+            "packed": self.packed_model_bytes + self.unpack_transient_bytes,
             "semi_structured": self.semi_structured_model_bytes,
             "dense": self.dense_experts_model_bytes,
         }
         if storage not in sizes:
             raise ValueError(f"storage must be one of {sorted(sizes)}, got {storage!r}")
-        size = sizes[storage]
+        return sizes[storage]
+
+    def inference_fits(self, gpu_memory_bytes: int, storage: str = "packed") -> bool | None:
+        """Whether :meth:`inference_peak_bytes` of ``storage`` (``packed``, ``semi_structured``,
+        ``dense``) fits one device; None for ``semi_structured`` when the experts are not 2:4."""
+        size = self.inference_peak_bytes(storage)
         return None if size is None else size <= gpu_memory_bytes
 
 
@@ -524,7 +542,7 @@ def plan_expansion(
     previous_materialized = 0
     for layer in shape.layers:
         phases = _layer_phases(layer, settings, previous_materialized)
-        dense_ffn = packed = semi = dense_experts = routers = 0
+        dense_ffn = packed = semi = dense_experts = routers = transient = 0
         dense_flops = nonzero_flops = router_flops = 0
         for group in layer.groups:
             routers += _router_bytes(group, num_experts)
@@ -541,6 +559,7 @@ def plan_expansion(
                 # torch semi-structured: half the values + 1/8 byte of metadata per position
                 semi += num_experts * (linear.params // 2 * b + linear.params // 8) + bias
                 dense_experts += num_experts * linear.params * b + bias
+                transient = max(transient, device_unpack_bytes(num_experts, linear.params, b))
                 dense_flops += 2 * linear.params
                 nonzero_flops += 2 * kept
         hidden = shape.hidden_size
@@ -561,6 +580,7 @@ def plan_expansion(
                 semi_structured_bytes=(semi + routers) if (prune_n, prune_m) == (2, 4) else None,
                 dense_expert_bytes=dense_experts + routers,
                 router_bytes=routers,
+                unpack_transient_bytes=transient,
                 dense_flops=dense_flops,
                 routed_flops=dense_flops + router_flops,
                 nonzero_flops=nonzero_flops + router_flops,
