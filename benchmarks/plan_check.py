@@ -39,10 +39,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 spinning threads made ``torch.cholesky_inverse`` of ``[4, 1536, 1536]`` take 45 s instead of 0.2 s."""
 
 SETTINGS: list[dict[str, Any]] = [
-    # streaming: the router fit on 16k tokens, then K Hessians; the peak is the down projection's solve
-    {"experts": 16, "tokens": 32768, "router_fit_tokens": 16384},
+    # the modifier's defaults: one router per block; streaming after a fit on 16k tokens
+    {"experts": 16, "tokens": 32768, "router_fit_tokens": 16384, "share_router_with_down": True},
+    # streaming, the down projection with a router of its own; the peak is the down projection's solve
+    {"experts": 16, "tokens": 32768, "router_fit_tokens": 16384, "share_router_with_down": False},
     # every input kept until the layer ends; the peak is the down projection's router fit
-    {"experts": 16, "tokens": 32768, "router_fit_tokens": None},
+    {"experts": 16, "tokens": 32768, "router_fit_tokens": None, "share_router_with_down": False},
 ]
 
 
@@ -110,6 +112,7 @@ def measure(
     router_fit_tokens: int | None,
     batch: int = 8,
     seq: int = 512,
+    share_router_with_down: bool = True,
 ) -> dict[str, Any]:
     """In this (fresh) process: peak RSS of expanding one layer, above the baseline, in bytes."""
     from types import SimpleNamespace
@@ -123,11 +126,11 @@ def measure(
     torch.manual_seed(0)
     config = one_layer_config(hidden, intermediate)
     model = LlamaForCausalLM(config).eval()
-    modifier = SparseExpansionModifier(  # the planner counts a router of the down projection's own
+    modifier = SparseExpansionModifier(
         num_experts=experts,
         router_fit_tokens=router_fit_tokens,
         materialize_while_calibrating=False,
-        share_router_with_down=False,
+        share_router_with_down=None if share_router_with_down else False,  # None: the default
     )
     modifier.on_initialize(SimpleNamespace(model=model))
     baseline = _peak_rss_bytes()
@@ -144,6 +147,7 @@ def planned_bytes(
     tokens: int,
     router_fit_tokens: int | None,
     batch_tokens: int,
+    share_router_with_down: bool = True,
 ) -> int:
     """The planner's working peak for the same one-layer expansion (float32, no materialized experts)."""
 
@@ -158,6 +162,7 @@ def planned_bytes(
         dtype="float32",
         materialize_while_calibrating=False,
         batch_tokens=batch_tokens,
+        share_router_with_down=share_router_with_down,
     )
     return plan.layers[0].working_peak_bytes
 
@@ -215,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         f"\nOne SmolLM2-shaped layer (hidden {hidden}, intermediate {intermediate}), batches of 8x512 tokens, CPU\n"
     )
     print(
-        "| K | tokens | router_fit_tokens | allocator | planned | measured (peak RSS) | planned / measured | s |"
+        "| K | tokens | router_fit_tokens | down routed by | allocator | planned | measured (peak RSS) "
+        "| planned / measured | s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['experts']} | {r['tokens']:,} | {r['router_fit_tokens'] or 'all'} | {r['allocator']} | "
+            f"| {r['experts']} | {r['tokens']:,} | {r['router_fit_tokens'] or 'all'} | "
+            f"{'the block router' if r['share_router_with_down'] else 'its own router'} | {r['allocator']} | "
             f"{r['planned_bytes'] / 2**20:,.0f} MiB | {r['measured_bytes'] / 2**20:,.0f} MiB | "
             f"{r['planned_bytes'] / r['measured_bytes']:.2f} | {r['seconds']:.0f} |"
         )

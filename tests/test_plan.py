@@ -23,8 +23,8 @@ from sparse_expansion_plugin.cli import main
 from sparse_expansion_plugin.modeling.targets import ffn_blocks
 from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
-from sparse_expansion_plugin.sparse_expansion.packing import unpack_experts
 from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
+from sparse_expansion_plugin.sparse_expansion.packing import unpack_experts
 from sparse_expansion_plugin.sparse_expansion.plan import kept_per_expert, plan_expansion
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -34,13 +34,16 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _expand(model: torch.nn.Module, num_experts: int, mask_structure: str, tokens: int = 256) -> None:
-    """Expand every FFN linear of ``model`` with the modifier, fed random batches through its hooks."""
-    modifier = SparseExpansionModifier(  # the planner counts a router of the down projection's own
+def _expand(
+    model: torch.nn.Module, num_experts: int, mask_structure: str, tokens: int = 256, share: bool = False
+) -> None:
+    """Expand every FFN linear of ``model`` with the modifier, fed random batches through its hooks;
+    ``share``: the default, the down projection routed by the block's router (else its own)."""
+    modifier = SparseExpansionModifier(
         num_experts=num_experts,
         mask_structure=mask_structure,
         materialize_while_calibrating=False,
-        share_router_with_down=False,
+        share_router_with_down=None if share else False,
     )
     modifier.on_initialize(SimpleNamespace(model=model))
     gen = torch.Generator().manual_seed(0)
@@ -57,10 +60,15 @@ def _expand(model: torch.nn.Module, num_experts: int, mask_structure: str, token
 
 
 @pytest.mark.parametrize(
-    ("mask_structure", "dtype", "mlp_bias"),
-    [("0:0", torch.float32, False), ("2:4", torch.float32, True), ("0:0", torch.bfloat16, False)],
+    ("mask_structure", "dtype", "mlp_bias", "share"),
+    [
+        ("0:0", torch.float32, False, False),
+        ("2:4", torch.float32, True, False),
+        ("0:0", torch.bfloat16, False, False),
+        ("0:0", torch.float32, False, True),
+    ],
 )
-def test_planned_expert_bytes_and_flops_equal_an_expanded_model(mask_structure, dtype, mlp_bias):
+def test_planned_expert_bytes_and_flops_equal_an_expanded_model(mask_structure, dtype, mlp_bias, share):
     """Per layer: packed bytes = the expanded MLP's buffers and parameters summed; dense experts =
     what ``materialize`` allocates; totals and FLOPs = ``cost.expansion_cost`` of the same model."""
     model = make_tiny_llama(layers=2, hidden=64, intermediate=160, mlp_bias=mlp_bias).to(dtype)
@@ -72,9 +80,10 @@ def test_planned_expert_bytes_and_flops_equal_an_expanded_model(mask_structure, 
         calibration_tokens=512,
         router_fit_tokens=None,
         dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+        share_router_with_down=share,
     )
     blocks = ffn_blocks(model)  # before: the expanded model has no plain linears to find
-    _expand(model, 3, mask_structure)
+    _expand(model, 3, mask_structure, share=share)
     # bfloat16 weights tie in saliency now and then, and the stock rule prunes every tie (a value or two)
     slack = 0 if dtype == torch.float32 else 4 * 2
     biases = 0
@@ -110,7 +119,9 @@ def test_packed_inference_peak_counts_the_gpu_unpacking_of_the_largest_linear():
     """A packed model on a GPU needs its weights plus, for a moment, one linear's K experts dense
     (the tensor ``unpack_experts`` returns, measured here) and its step's mask and prefix sum."""
     model = make_tiny_llama(layers=2, hidden=64, intermediate=160)
-    plan = plan_expansion(model.config, num_experts=3, calibration_tokens=512, dtype="float32")
+    plan = plan_expansion(
+        model.config, num_experts=3, calibration_tokens=512, dtype="float32", share_router_with_down=False
+    )
     blocks = ffn_blocks(model)
     _expand(model, 3, "0:0")
     largest = 0
@@ -143,10 +154,14 @@ def test_kept_per_expert_is_what_the_solver_keeps(out, n, sparsity):
 @pytest.mark.parametrize(
     "setting",
     [
-        {"experts": 16, "tokens": 16384, "router_fit_tokens": 8192},  # peak: the down projection's solve
-        {"experts": 4, "tokens": 16384, "router_fit_tokens": None},  # peak: the down projection's router fit
+        # the defaults: one router per block, streaming
+        {"experts": 16, "tokens": 16384, "router_fit_tokens": 8192, "share_router_with_down": True},
+        # the down projection's own router: peak its solve (streaming) or its router fit (keep-all)
+        {"experts": 16, "tokens": 16384, "router_fit_tokens": 8192, "share_router_with_down": False},
+        {"experts": 4, "tokens": 16384, "router_fit_tokens": None, "share_router_with_down": False},
+        {"experts": 4, "tokens": 16384, "router_fit_tokens": None, "share_router_with_down": True},
     ],
-    ids=["streaming-K16", "keep-all-K4"],
+    ids=["streaming-K16-block-router", "streaming-K16", "keep-all-K4", "keep-all-K4-block-router"],
 )
 def test_planned_peak_within_15_percent_of_measured(setting):
     """Measured: peak CPU RSS (``ru_maxrss``) of a fresh single-threaded process while one layer of hidden

@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="plan materialize_while_calibrating: false (no dense expert copies while calibrating)",
     )
+    parser.add_argument(
+        "--own-down-router",
+        action="store_true",
+        help="plan share_router_with_down: false (each down projection fits a router of its own); "
+        "default: the modifier's, one router per MLP block",
+    )
     parser.add_argument("--all-layers", action="store_true", help="print every layer, not the first and last")
     parser.add_argument("--json", type=Path, default=None, help="also write the plan's rows as JSON here")
 
@@ -210,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         expert_batch_size=args.expert_batch_size,
         materialize_while_calibrating=not args.no_materialize,
         batch_tokens=args.batch_tokens,
+        share_router_with_down=not args.own_down_router,
     )
     print(
         f"Sparse Expansion plan: {args.model} ({plan.model_type}, {len(plan.layers)} layers), K={plan.num_experts}, "
@@ -217,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
         f"{plan.calibration_tokens:,} calibration tokens, router fit on "
         f"{plan.router_fit_tokens if plan.router_fit_tokens is not None else 'all'} tokens, "
         f"expert batch {plan.expert_batch_size}, materialize while calibrating: "
-        f"{'yes' if plan.materialize_while_calibrating else 'no'}. GiB = 2^30 bytes.\n"
+        f"{'yes' if plan.materialize_while_calibrating else 'no'}, down projections routed by "
+        f"{'their own routers' if args.own_down_router else 'the block router'}. GiB = 2^30 bytes.\n"
     )
     print("\n".join(layer_table(plan, args.all_layers)))
     print()

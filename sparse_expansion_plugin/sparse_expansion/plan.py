@@ -7,15 +7,17 @@ memory part-way. Everything here is computed from the model's *shapes*: the
 FFN linears are read from a meta-device model (no weights are allocated) with
 the same :func:`~sparse_expansion_plugin.modeling.targets.ffn_blocks` the
 modifier uses, and the bytes follow what ``SparseExpansionModifier`` (its
-defaults: gate and up share the block's router, the down projection routes its
-own input, ``down_calibration="dense"``) allocates, phase by phase:
+defaults: gate and up share the block's router, the down projection is routed by
+it too, ``share_router_with_down=False`` plans a router of the down projection's
+own; ``down_calibration="dense"``) allocates, phase by phase:
 
 - calibration: the first ``router_fit_tokens`` inputs of each router group are
   kept on the host in float32 (``None``: every token, until the layer ends);
   the router fit (PCA + k-means, ``clustering.fit_router``) holds the sample,
   one concatenated copy and two float64 copies for the projection, so it peaks
-  at ``24 * tokens * d`` bytes; afterwards the K Hessians ``[K, d, d]`` float32
-  of every group live on the execution device;
+  at ``24 * tokens * d`` bytes; a down projection routed by the block's router
+  fits nothing (its kept inputs wait for the block's routing); afterwards the K
+  Hessians ``[K, d, d]`` float32 of every group live on the execution device;
 - compression of each group (``compress_modules``): the accumulated Hessians,
   their scaled and regularized copies, then per linear the batched SparseGPT
   solve of ``E = min(K, expert_batch_size)`` experts (``pruning/sparsegpt.py``:
@@ -80,9 +82,11 @@ class LinearShape:
 
 @dataclass(frozen=True)
 class RouterGroup:
-    """Linears that share one input and one router (gate + up), or a down projection with its own."""
+    """Linears that share one input (gate + up), or a down projection; ``own_router``: whether the
+    group fits and stores a router (False for a down projection routed by its block's router)."""
 
     linears: tuple[LinearShape, ...]
+    own_router: bool = True
 
     @property
     def in_features(self) -> int:
@@ -284,10 +288,11 @@ def _decoder_layer_name(parent: str) -> str:
     return match.group(1)
 
 
-def model_shape(config: Any) -> ModelShape:
+def model_shape(config: Any, share_router_with_down: bool = True) -> ModelShape:
     """FFN linears and parameter counts of ``config``'s model, built on the meta device (no weights).
 
-    ``config``: a transformers ``PretrainedConfig``. Raises ``ValueError`` when the
+    ``config``: a transformers ``PretrainedConfig``; ``share_router_with_down``: the
+    down projections are routed by their block's router (no router of their own). Raises ``ValueError`` when the
     architecture is unknown to transformers or has no FFN linears we can expand.
     """
     import torch
@@ -320,7 +325,7 @@ def model_shape(config: Any) -> ModelShape:
 
         groups = [RouterGroup(tuple(shape(n) for n in block.inputs))]
         if block.output is not None:
-            groups.append(RouterGroup((shape(block.output),)))
+            groups.append(RouterGroup((shape(block.output),), own_router=not share_router_with_down))
         layers.append(LayerShape(block.layer_index, name, tuple(groups), params))
     total = sum(p.numel() for p in model.parameters())
     hidden = layers[0].groups[0].in_features  # the MLP's input is the residual stream
@@ -359,8 +364,8 @@ def _linear_packed_bytes(linear: LinearShape, num_experts: int, kept: int, b: in
 
 
 def _router_bytes(group: RouterGroup, num_experts: int) -> int:
-    """One folded router ``weight [K, d]`` + ``bias [K]``, float32 (``router.py``)."""
-    return HOST_FLOAT * num_experts * (group.in_features + 1)
+    """One folded router ``weight [K, d]`` + ``bias [K]``, float32 (``router.py``); none when shared."""
+    return HOST_FLOAT * num_experts * (group.in_features + 1) if group.own_router else 0
 
 
 # ----------------------------------------------------------------- phases
@@ -398,6 +403,8 @@ def _layer_phases(layer: LayerShape, s: _Settings, previous_materialized: int) -
     if s.fit_tokens is not None:  # each group fits in the hook once it holds fit_tokens tokens
         kept = s.fit_tokens
         for j, n in enumerate(dims):
+            if not groups[j].own_router:  # routed by the block: its kept inputs wait in the terms above
+                continue
             waiting = sum((kept - s.batch_tokens) * m * HOST_FLOAT for m in dims[j + 1 :])
             phases.append(
                 Phase(
@@ -414,7 +421,16 @@ def _layer_phases(layer: LayerShape, s: _Settings, previous_materialized: int) -
     done = 0  # packed (and materialized) experts of this layer so far, on the device
     for j, (group, n) in enumerate(zip(groups, dims, strict=True)):
         alive_sums = sum(sums) if s.fit_tokens is not None else sum(sums[:j])
-        if s.fit_tokens is None:
+        if s.fit_tokens is None and not group.own_router:  # the block's routing drains its kept inputs
+            alive_sums += sums[j]
+            phases.append(
+                Phase(
+                    f"compress: routing the kept inputs of group {j}",
+                    alive_sums + done,
+                    s.tokens * n * HOST_FLOAT,
+                )
+            )
+        elif s.fit_tokens is None:
             waiting = sum(s.tokens * m * HOST_FLOAT for m in dims[j + 1 :])
             phases.append(
                 Phase(
@@ -480,14 +496,16 @@ def plan_expansion(
     batch_tokens: int = 2048,
     block_size: int = 128,
     input_norm: str = "l2",
+    share_router_with_down: bool = True,
 ) -> Plan:
     """Plan expanding every FFN linear of ``config``'s model into ``num_experts`` experts.
 
     config: a transformers ``PretrainedConfig`` (or a :class:`ModelShape` already built).
     calibration_tokens: tokens of the calibration set; batch_tokens: tokens per
     calibration batch (llm-compressor's ``batch_size * seq_len``). Other
-    arguments as ``SparseExpansionModifier``'s fields. Raises ``ValueError``
-    naming the bad argument.
+    arguments as ``SparseExpansionModifier``'s fields (``share_router_with_down``:
+    True plans the modifier's default, one router per MLP block; False a router of
+    each down projection's own). Raises ``ValueError`` naming the bad argument.
     """
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -515,7 +533,7 @@ def plan_expansion(
             f"num_experts={num_experts} exceeds calibration_tokens={calibration_tokens}: "
             "k-means needs at least one token per expert"
         )
-    shape = config if isinstance(config, ModelShape) else model_shape(config)
+    shape = config if isinstance(config, ModelShape) else model_shape(config, share_router_with_down)
     b = DTYPE_BYTES[dtype]
     batch_tokens = min(batch_tokens, calibration_tokens)
     fit_tokens = None
@@ -546,7 +564,7 @@ def plan_expansion(
         dense_flops = nonzero_flops = router_flops = 0
         for group in layer.groups:
             routers += _router_bytes(group, num_experts)
-            router_flops += 2 * num_experts * group.in_features
+            router_flops += 2 * num_experts * group.in_features if group.own_router else 0
             for linear in group.linears:
                 kept = kept_per_expert(
                     linear.out_features, linear.in_features, sparsity, prune_n, prune_m, block_size
