@@ -1,6 +1,6 @@
 """The memory planner (``sparse-expansion plan``) against the peak memory measured on SmolLM2's shapes.
 
-Each setting runs in a fresh process, as ``sparse_expansion_memory.py`` does: one
+Each setting runs in a fresh process (``_one_layer.py``, shared with ``sparse_expansion_memory.py``): one
 decoder layer with the embedded SmolLM2's FFN shapes (random weights: memory does
 not depend on the values) is expanded by ``SparseExpansionModifier`` fed batches of
 ``8 x 512`` synthetic tokens through its hooks, then ``compress_modules``. The
@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-LIVE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""Environment of a child whose RSS follows live tensors (glibc returns every freed block >= 64 KiB)."""
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-"""Children compute on one thread: the figure is memory, and on a loaded 2-core machine OpenMP's
-spinning threads made ``torch.cholesky_inverse`` of ``[4, 1536, 1536]`` take 45 s instead of 0.2 s."""
+from _one_layer import (
+    build_expansion,
+    feed_and_compress,
+    one_layer_config,
+    peak_rss_bytes,
+    run_child,
+    warm_up,
+)
 
 SETTINGS: list[dict[str, Any]] = [
     # the modifier's defaults: one router per block; streaming after a fit on 16k tokens
@@ -46,62 +45,6 @@ SETTINGS: list[dict[str, Any]] = [
     # every input kept until the layer ends; the peak is the down projection's router fit
     {"experts": 16, "tokens": 32768, "router_fit_tokens": None, "share_router_with_down": False},
 ]
-
-
-def one_layer_config(hidden: int, intermediate: int) -> Any:
-    """The one-decoder-layer Llama config both the measurement and the plan use (same shapes)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=1,
-        num_attention_heads=max(1, hidden // 64),
-        num_key_value_heads=max(1, hidden // 192),
-    )
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS (``VmHWM``). Why not ``ru_maxrss``: Linux carries the forking parent's
-    peak across ``exec`` into it, so a child started from a big process (a long pytest run) would
-    report the parent's peak and see no growth at all."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS is measured on Linux only")
-
-
-def _warm_up() -> None:
-    """Run one tiny expansion so BLAS, OpenMP and scikit-learn allocate their one-time buffers now."""
-    from types import SimpleNamespace
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
-
-    config = LlamaConfig(
-        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
-    )
-    model = LlamaForCausalLM(config).eval()
-    modifier = SparseExpansionModifier(num_experts=2, router_fit_tokens=256)
-    modifier.on_initialize(SimpleNamespace(model=model))
-    _feed(modifier, model.model.layers[0].mlp, 512, 2, 128, 32, torch.Generator().manual_seed(0))
-
-
-def _feed(modifier: Any, mlp: Any, tokens: int, batch: int, seq: int, hidden: int, gen: Any) -> None:
-    """Feed ``tokens`` synthetic tokens through the modifier's hooks (as the pipeline does), then compress."""
-    import torch
-
-    with torch.no_grad():
-        for _ in range(tokens // (batch * seq)):
-            x = torch.randn(batch, seq, hidden, generator=gen)
-            modifier.calibrate_module(mlp.gate_proj, (x,), None)
-            h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-            modifier.calibrate_module(mlp.down_proj, (h,), None)
-            del x, h
-        modifier.compress_modules()
 
 
 def measure(
@@ -115,29 +58,20 @@ def measure(
     share_router_with_down: bool = True,
 ) -> dict[str, Any]:
     """In this (fresh) process: peak RSS of expanding one layer, above the baseline, in bytes."""
-    from types import SimpleNamespace
-
     import torch
-    from transformers import LlamaForCausalLM
 
-    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
-
-    _warm_up()
-    torch.manual_seed(0)
-    config = one_layer_config(hidden, intermediate)
-    model = LlamaForCausalLM(config).eval()
-    modifier = SparseExpansionModifier(
+    warm_up()
+    modifier, mlp = build_expansion(
+        hidden,
+        intermediate,
         num_experts=experts,
         router_fit_tokens=router_fit_tokens,
-        materialize_while_calibrating=False,
         share_router_with_down=None if share_router_with_down else False,  # None: the default
     )
-    modifier.on_initialize(SimpleNamespace(model=model))
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
-    _feed(modifier, model.model.layers[0].mlp, tokens, batch, seq, hidden, torch.Generator().manual_seed(1))
-    peak = _peak_rss_bytes()
-    return {"measured_bytes": peak - baseline, "seconds": time.perf_counter() - start}
+    feed_and_compress(modifier, mlp, tokens, batch, seq, torch.Generator().manual_seed(1))
+    return {"measured_bytes": peak_rss_bytes() - baseline, "seconds": time.perf_counter() - start}
 
 
 def planned_bytes(
@@ -169,19 +103,7 @@ def planned_bytes(
 
 def measure_in_child(setting: dict[str, Any], live_allocator: bool) -> dict[str, Any]:
     """Run :func:`measure` in a fresh interpreter (``--child``); return its JSON result."""
-    env = {**os.environ, **ONE_THREAD}
-    for key in LIVE_ALLOCATOR:
-        env.pop(key, None)
-    if live_allocator:
-        env.update(LIVE_ALLOCATOR)
-    out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(setting)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, json.dumps(setting), live_allocator)
 
 
 def smollm2_shapes() -> tuple[int, int]:

@@ -3,9 +3,10 @@
 One decoder layer with SmolLM2-135M's shapes (hidden 576, intermediate 1536; random
 weights: memory does not depend on the values) is expanded into K experts by
 ``SparseExpansionModifier`` fed batches of ``8 x 512`` tokens through its hooks,
-exactly as llm-compressor's pipeline feeds them. Each setting runs in a fresh
-process and reports that process's peak RSS above its own baseline (model built,
-nothing fed), so the figures do not contaminate each other.
+exactly as llm-compressor's pipeline feeds them (``_one_layer.py``, shared with
+``plan_check.py``). Each setting runs in a fresh process on one thread and reports
+that process's peak RSS above its own baseline (model built, nothing fed), so the
+figures do not contaminate each other.
 
 ``--router-fit-tokens none`` keeps every calibration input until the layer ends
 (0.1.0's behaviour, memory grows with the tokens); a number fits the router on
@@ -18,54 +19,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _one_layer import build_expansion, feed_and_compress, peak_rss_bytes, run_child
 
 HIDDEN, INTERMEDIATE = 576, 1536  # SmolLM2-135M
 
 
 def one_setting(tokens: int, router_fit_tokens: int | None, experts: int, batch: int, seq: int) -> dict:
     """Run in a child process: expand one layer on ``tokens`` synthetic calibration tokens."""
-    from types import SimpleNamespace
-
     import torch
-    from _common import peak_rss_gib
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=1,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+    modifier, mlp = build_expansion(
+        HIDDEN, INTERMEDIATE, num_experts=experts, router_fit_tokens=router_fit_tokens
     )
-    model = LlamaForCausalLM(config).eval()
-    modifier = SparseExpansionModifier(
-        num_experts=experts, router_fit_tokens=router_fit_tokens, materialize_while_calibrating=False
-    )
-    modifier.on_initialize(SimpleNamespace(model=model))
-    mlp = model.model.layers[0].mlp
-    baseline = peak_rss_gib()
+    baseline = peak_rss_bytes()
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(tokens // (batch * seq)):
-            x = torch.randn(batch, seq, HIDDEN, generator=gen)
-            modifier.calibrate_module(mlp.gate_proj, (x,), None)
-            h = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
-            modifier.calibrate_module(mlp.down_proj, (h,), None)
-        modifier.compress_modules()
+    feed_and_compress(modifier, mlp, tokens, batch, seq, torch.Generator().manual_seed(1))
     return {
         "tokens": tokens,
         "router_fit_tokens": router_fit_tokens,
         "experts": experts,
-        "peak_rss_above_baseline_gib": peak_rss_gib() - baseline,
+        "peak_rss_above_baseline_gib": (peak_rss_bytes() - baseline) / 2**30,
         "seconds": time.perf_counter() - start,
     }
 
@@ -81,33 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        tokens, fit = args.child.split(",")
+        tokens, fit, experts, batch, seq = args.child.split(",")
         result = one_setting(
-            int(tokens), None if fit == "none" else int(fit), args.experts, args.batch, args.seq_len
+            int(tokens), None if fit == "none" else int(fit), int(experts), int(batch), int(seq)
         )
         print(json.dumps(result))
         return 0
     rows = []
     for fit in args.router_fit_tokens:
         for tokens in args.tokens:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    f"{tokens},{fit}",
-                    "--experts",
-                    str(args.experts),
-                    "--batch",
-                    str(args.batch),
-                    "--seq-len",
-                    str(args.seq_len),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            child = f"{tokens},{fit},{args.experts},{args.batch},{args.seq_len}"
+            rows.append(run_child(__file__, child))
             print(json.dumps(rows[-1]), flush=True)
     print(
         f"\nOne SmolLM2-shaped MLP block, K = {args.experts}, batches of {args.batch}x{args.seq_len} tokens\n"
