@@ -25,7 +25,7 @@ from sparse_expansion_plugin.sparse_expansion.cost import expansion_cost
 from sparse_expansion_plugin.sparse_expansion.layer import expanded_linears
 from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
 from sparse_expansion_plugin.sparse_expansion.packing import unpack_experts
-from sparse_expansion_plugin.sparse_expansion.plan import kept_per_expert, plan_expansion
+from sparse_expansion_plugin.sparse_expansion.plan import kept_per_expert, model_shape, plan_expansion
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -234,3 +234,20 @@ def test_plan_help_imports_no_torch():
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["code"] == 0 and "MODEL_OR_CONFIG" in result["help"]
     assert result["heavy"] == []
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_prebuilt_shape_is_planned_with_the_router_setting_asked_for(share):
+    """``plan_expansion(ModelShape, share_router_with_down=...)`` follows the flag even when the shape
+    was built for the other setting: it equals the plan made from the config (checked against an
+    expanded model above), and the two settings really plan different router bytes."""
+    model = make_tiny_llama(layers=2, hidden=64, intermediate=160)
+    kwargs = {"num_experts": 3, "calibration_tokens": 512, "dtype": "float32"}
+    from_config = plan_expansion(model.config, share_router_with_down=share, **kwargs)
+    other_setting = plan_expansion(model.config, share_router_with_down=not share, **kwargs)
+    prebuilt = model_shape(model.config, share_router_with_down=not share)
+    from_shape = plan_expansion(prebuilt, share_router_with_down=share, **kwargs)
+    assert from_shape == from_config
+    assert sum(x.router_bytes for x in from_config.layers) != sum(
+        x.router_bytes for x in other_setting.layers
+    )

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sparse_expansion_plugin.sparse_expansion.packing import device_unpack_bytes
@@ -286,6 +286,24 @@ def _decoder_layer_name(parent: str) -> str:
             f"cannot tell the decoder layer of FFN block {parent!r} (no layer index in its name)"
         )
     return match.group(1)
+
+
+def with_down_routers(shape: ModelShape, share_router_with_down: bool) -> ModelShape:
+    """``shape`` with every down projection's group set to ``share_router_with_down``.
+
+    Why: a prebuilt shape records in its groups whether each down projection has a
+    router of its own; without this, a plan of it would silently ignore the setting asked for.
+    A layer's first group is its gate/up (or only) group, which always has its router.
+    """
+    layers = tuple(
+        replace(
+            layer,
+            groups=(layer.groups[0],)
+            + tuple(replace(g, own_router=not share_router_with_down) for g in layer.groups[1:]),
+        )
+        for layer in shape.layers
+    )
+    return replace(shape, layers=layers)
 
 
 def model_shape(config: Any, share_router_with_down: bool = True) -> ModelShape:
@@ -533,7 +551,10 @@ def plan_expansion(
             f"num_experts={num_experts} exceeds calibration_tokens={calibration_tokens}: "
             "k-means needs at least one token per expert"
         )
-    shape = config if isinstance(config, ModelShape) else model_shape(config, share_router_with_down)
+    if isinstance(config, ModelShape):
+        shape = with_down_routers(config, share_router_with_down)
+    else:
+        shape = model_shape(config, share_router_with_down)
     b = DTYPE_BYTES[dtype]
     batch_tokens = min(batch_tokens, calibration_tokens)
     fit_tokens = None
