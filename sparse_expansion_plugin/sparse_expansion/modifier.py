@@ -153,7 +153,7 @@ class SparseExpansionModifier(SparsityModifierBase):
     :param small_cluster_rule: ``global`` (use the layer's Hessian), ``dampen`` (more dampening),
         or ``merge`` (drop the cluster; its tokens go to the nearest other one)
     :param small_cluster_dampening: extra dampening (fraction of mean diagonal) for ``dampen``
-    :param prior_tokens: ``tau`` (default 1024): ``H_k <- (n_k H_k + tau H) / (n_k + tau)`` (per-token
+    :param prior_tokens: ``tau`` (default 64): ``H_k <- (n_k H_k + tau H) / (n_k + tau)`` (per-token
         means): a cluster with few tokens leans on the layer's Hessian, a large one keeps its own;
         0 is 0.1.0's behaviour. Defaults measured on SmolLM2 (README); giving
         ``hessian_shrinkage`` alone turns the prior off
@@ -185,7 +185,7 @@ class SparseExpansionModifier(SparsityModifierBase):
     min_cluster_tokens: int = Field(default=0, ge=0)
     small_cluster_rule: Literal["global", "dampen", "merge"] = "global"
     small_cluster_dampening: float = Field(default=0.1, ge=0)
-    prior_tokens: float = Field(default=1024.0, ge=0)
+    prior_tokens: float = Field(default=64.0, ge=0)
     hessian_shrinkage: float = Field(default=0.0, ge=0, le=1)
     block_size: int = Field(default=128, ge=1)
     dampening_frac: float = Field(default=0.01, ge=0)
