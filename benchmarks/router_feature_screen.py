@@ -1,0 +1,278 @@
+"""Layer-local screen of router feature spaces for Sparse Expansion (a fast proxy, not a perplexity).
+
+Why: a full-model perplexity run costs 5-10 minutes per variant on 2 cores, so
+candidate routers are screened first on what they act on, one MLP block at a
+time. For each chosen decoder layer of the dense model, the MLP's inputs are
+captured on calibration windows (a seeded draw) and on held-out evaluation
+windows. Each variant clusters the calibration tokens (l2-normalised, then a
+*linear feature map*, then PCA + k-means, as the package's router), prunes 16
+experts of gate, up and down with SparseGPT on per-cluster Hessians (the
+package's solver and count prior, down routed by the block's routing), and
+scores the block's output on the held-out tokens:
+``relative error = sum ||y - y_hat||^2 / sum ||y||^2``. SparseGPT (one
+expert, the layer's Hessian) is the reference; "error closed" is
+``1 - err_variant / err_sparsegpt``.
+
+Every feature map here is linear in the unit-normalised token, so a router that
+uses it folds into the package's existing ``[K, d]`` router: no format change.
+
+    flock /tmp/heavy.lock python benchmarks/router_feature_screen.py --layers 2 8 14 20 26 29 \
+        --seed 0 --output bench-se/router_screen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+from sparse_expansion_plugin.data.models import load_model_and_tokenizer
+from sparse_expansion_plugin.data.text import token_windows
+from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+from sparse_expansion_plugin.sparse_expansion.clustering import top_components
+from sparse_expansion_plugin.sparse_expansion.hessians import StreamingClusterHessians, regularized_hessians
+
+
+def capture_mlp_inputs(model: Any, windows: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """MLP inputs ``[N, d]`` (float32, CPU) of the dense model at each of ``layers``."""
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    handles = []
+    for i in layers:
+        mlp = model.model.layers[i].mlp
+
+        def grab(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
+            captured[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+
+        handles.append(mlp.register_forward_pre_hook(grab))
+    try:
+        with torch.no_grad():
+            for row in windows:
+                model(row.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in captured.items()}
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def feature_maps(gate: torch.Tensor, up: torch.Tensor, calib_unit: torch.Tensor) -> dict[str, Callable]:
+    """Variant name -> function of unit tokens ``[N, d]`` giving router features (linear, except 'abs')."""
+    col = torch.sqrt((gate**2).sum(0) + (up**2).sum(0))  # [d] column norms of gate and up
+    std = calib_unit.std(dim=0).clamp_min(1e-6)
+    both = torch.cat([gate, up])  # [2 * inter, d]
+    return {
+        "unit (default)": lambda u: u,
+        "unit * column norm": lambda u: u * col,
+        "standardised unit": lambda u: u / std,
+        "gate pre-activation": lambda u: u @ gate.t(),
+        "gate+up pre-activation": lambda u: u @ both.t(),
+        "abs(unit) (not foldable)": lambda u: u.abs(),
+    }
+
+
+def assign(
+    features: Callable, calib_unit: torch.Tensor, eval_unit: torch.Tensor, k: int, pca: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means on the PCA of the features; the nearest centroid of every calibration and eval token."""
+    fit = features(calib_unit).double()
+    mean, comps = top_components(fit, pca, seed)
+    km = KMeans(n_clusters=k, n_init=1, max_iter=300, random_state=seed).fit(
+        ((fit - mean) @ comps.t()).numpy()
+    )
+    centres = torch.from_numpy(km.cluster_centers_)
+
+    def nearest(u: torch.Tensor) -> torch.Tensor:
+        return torch.cdist((features(u).double() - mean) @ comps.t(), centres).argmin(dim=1)
+
+    return nearest(calib_unit), nearest(eval_unit)
+
+
+def experts(
+    weight: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, k: int, tau: float
+) -> torch.Tensor:
+    """SparseGPT 50% experts ``[k, out, in]`` of ``weight`` on per-cluster Hessians (count prior ``tau``)."""
+    acc = StreamingClusterHessians(k, inputs.shape[1])
+    for start in range(0, inputs.shape[0], 4096):
+        acc.add(inputs[start : start + 4096], labels[start : start + 4096])
+    hessians, _ = regularized_hessians(acc.result(), prior_tokens=tau if k > 1 else 0.0)
+    pruned, _ = sparsegpt_prune(weight, hessians, sparsity=0.5)
+    return pruned if pruned.dim() == 3 else pruned.unsqueeze(0)
+
+
+def block_experts(
+    mlp: Any, x_cal: torch.Tensor, lab_cal: torch.Tensor, k: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, up and down experts of one MLP block, down calibrated on the dense hidden state."""
+    gate, up, down = (m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    hidden_cal = F.silu(x_cal @ gate.t()) * (x_cal @ up.t())  # down's dense calibration inputs
+    g_k, u_k = experts(gate, x_cal, lab_cal, k, tau), experts(up, x_cal, lab_cal, k, tau)
+    return g_k, u_k, experts(down, hidden_cal, lab_cal, k, tau)
+
+
+def dense_block(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    gate, up, down = (m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    return (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+
+
+def routed_error(mlp: Any, weights: tuple[torch.Tensor, ...], x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Relative output error of the routed, pruned block on tokens ``x`` routed by ``labels``."""
+    g_k, u_k, d_k = weights
+    y = dense_block(mlp, x)
+    y_hat = torch.empty_like(y)
+    for e in range(g_k.shape[0]):
+        rows = labels == e
+        xe = x[rows]
+        y_hat[rows] = (F.silu(xe @ g_k[e].t()) * (xe @ u_k[e].t())) @ d_k[e].t()
+    return float(((y - y_hat) ** 2).sum() / (y**2).sum())
+
+
+def oracle_error(mlp: Any, weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> float:
+    """Relative error when every token takes the expert that reconstructs it best (a bound on any router)."""
+    g_k, u_k, d_k = weights
+    y = dense_block(mlp, x)
+    best = torch.full((x.shape[0],), float("inf"))
+    for e in range(g_k.shape[0]):
+        y_e = (F.silu(x @ g_k[e].t()) * (x @ u_k[e].t())) @ d_k[e].t()
+        best = torch.minimum(best, ((y - y_e) ** 2).sum(dim=1))
+    return float(best.sum() / (y**2).sum())
+
+
+def block_error(
+    mlp: Any,
+    x_cal: torch.Tensor,
+    x_eval: torch.Tensor,
+    lab_cal: torch.Tensor,
+    lab_eval: torch.Tensor,
+    k: int,
+    tau: float,
+) -> float:
+    """Relative output error of the routed, pruned MLP block on the held-out tokens."""
+    return routed_error(mlp, block_experts(mlp, x_cal, lab_cal, k, tau), x_eval, lab_eval)
+
+
+def diagnose(
+    mlp: Any,
+    xc: torch.Tensor,
+    xe: torch.Tensor,
+    uc: torch.Tensor,
+    ue: torch.Tensor,
+    pca: int,
+    args: Any,
+    rows: list[dict[str, Any]],
+    layer: int,
+) -> None:
+    """Default router only: error closed on held-out tokens, on the calibration tokens themselves
+    (the gap between them is overfitting), and with per-token oracle routing (router headroom)."""
+    seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
+    one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
+    stock = block_experts(mlp, xc, one_c, 1, 0.0)
+    base_eval = routed_error(mlp, stock, xe, one_e)
+    base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
+    for k in args.diagnose_experts:
+        lab_c, lab_e = assign(lambda u: u, uc, ue, k, pca, args.seed)
+        weights = block_experts(mlp, xc, lab_c, k, args.prior_tokens)
+        row = {
+            "layer": layer,
+            "variant": f"K={k}",
+            "closed": 1 - routed_error(mlp, weights, xe, lab_e) / base_eval,
+            "closed_on_calibration": 1 - routed_error(mlp, weights, xc[seen], lab_c[seen]) / base_seen,
+            "closed_oracle": 1 - oracle_error(mlp, weights, xe) / base_eval,
+        }
+        rows.append(row)
+        print(
+            f"layer {layer}: K={k:<3d} held-out {row['closed']:+.1%}  calibration tokens "
+            f"{row['closed_on_calibration']:+.1%}  oracle routing {row['closed_oracle']:+.1%}",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 14, 20, 26, 29])
+    parser.add_argument("--calibration-samples", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--prior-tokens", type=float, default=64.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--diagnose", action="store_true", help="default router only: overfitting and oracle")
+    parser.add_argument("--diagnose-experts", type=int, nargs="+", default=[16])
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer()
+    model.eval()
+    cal_all = token_windows(tokenizer, "calibration", args.seq_len, None)
+    pick = torch.randperm(len(cal_all), generator=torch.Generator().manual_seed(args.seed))
+    cal = cal_all[pick[: args.calibration_samples].sort().values]
+    ev = token_windows(tokenizer, "evaluation", args.seq_len, args.eval_windows)
+    start = time.perf_counter()
+    x_cal = capture_mlp_inputs(model, cal, args.layers)
+    x_ev = capture_mlp_inputs(model, ev, args.layers)
+    print(
+        f"captured {cal.numel()} calibration and {ev.numel()} held-out tokens in {time.perf_counter() - start:.0f} s"
+    )
+    rows: list[dict[str, Any]] = []
+    for layer in args.layers:
+        mlp = model.model.layers[layer].mlp
+        gate, up = mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()
+        xc, xe = x_cal[layer], x_ev[layer]
+        uc, ue = unit(xc), unit(xe)
+        pca = max(1, xc.shape[1] // 32)
+        zeros_c, zeros_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
+        base = block_error(mlp, xc, xe, zeros_c, zeros_e, 1, 0.0)
+        print(f"layer {layer}: SparseGPT relative error {base:.4f}", flush=True)
+        rows.append({"layer": layer, "variant": "SparseGPT (K=1)", "error": base, "closed": 0.0})
+        if args.diagnose:
+            diagnose(mlp, xc, xe, uc, ue, pca, args, rows, layer)
+            continue
+        for name, features in feature_maps(gate, up, uc).items():
+            t0 = time.perf_counter()
+            lab_c, lab_e = assign(features, uc, ue, args.experts, pca, args.seed)
+            err = block_error(mlp, xc, xe, lab_c, lab_e, args.experts, args.prior_tokens)
+            sizes = torch.bincount(lab_c, minlength=args.experts)
+            row = {
+                "layer": layer,
+                "variant": name,
+                "error": err,
+                "closed": 1 - err / base,
+                "min_cluster": int(sizes.min()),
+                "max_cluster": int(sizes.max()),
+                "seconds": time.perf_counter() - t0,
+            }
+            rows.append(row)
+            print(
+                f"layer {layer}: {name:28s} error {err:.4f} closed {row['closed']:+.1%} "
+                f"(clusters {row['min_cluster']}..{row['max_cluster']}, {row['seconds']:.0f} s)",
+                flush=True,
+            )
+    print("\n=== mean error closed over layers ===")
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        for key in ("closed", "closed_on_calibration", "closed_oracle"):
+            vals = [r[key] for r in rows if r["variant"] == name and key in r]
+            if vals:
+                print(
+                    f"=== {name:28s} {key:22s} {sum(vals) / len(vals):+.1%}  per layer "
+                    + " ".join(f"{v:+.0%}" for v in vals)
+                )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

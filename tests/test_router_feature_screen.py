@@ -1,0 +1,86 @@
+"""``benchmarks/router_feature_screen.py``: its block errors against slow per-token loops, its K = 1
+experts against SparseGPT on the plain Hessian, and the linearity its feature maps claim."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def screen():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import router_feature_screen
+
+        yield router_feature_screen
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def tiny_mlp(d: int = 8, inter: int = 16, seed: int = 0) -> SimpleNamespace:
+    torch.manual_seed(seed)
+    return SimpleNamespace(
+        gate_proj=torch.nn.Linear(d, inter, bias=False),
+        up_proj=torch.nn.Linear(d, inter, bias=False),
+        down_proj=torch.nn.Linear(inter, d, bias=False),
+    )
+
+
+def slow_block(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One token's MLP output in float64, written out."""
+    x, gate, up, down = (t.detach().double() for t in (x, gate, up, down))
+    g, u = gate @ x, up @ x
+    return down @ (g / (1 + torch.exp(-g)) * u)
+
+
+def test_routed_and_oracle_errors_match_per_token_loops(screen):
+    mlp = tiny_mlp()
+    x = torch.randn(60, 8)
+    k = 3
+    experts = tuple(
+        m.weight.detach() * (torch.rand(k, *m.weight.shape) > 0.5)
+        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    )
+    labels = torch.randint(0, k, (60,))
+    dense = [slow_block(t, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight) for t in x]
+    norm = sum(float((y**2).sum()) for y in dense)
+    errs = [
+        [float(((y - slow_block(t, *(w[e] for w in experts))) ** 2).sum()) for e in range(k)]
+        for t, y in zip(x, dense, strict=True)
+    ]
+    routed = sum(errs[i][int(labels[i])] for i in range(60)) / norm
+    oracle = sum(min(row) for row in errs) / norm
+    assert screen.routed_error(mlp, experts, x, labels) == pytest.approx(routed, rel=1e-4)
+    assert screen.oracle_error(mlp, experts, x) == pytest.approx(oracle, rel=1e-4)
+    assert oracle < routed
+
+
+def test_one_expert_is_sparsegpt_on_the_plain_hessian(screen):
+    torch.manual_seed(1)
+    weight = torch.randn(12, 8)
+    inputs = torch.randn(300, 8) * torch.linspace(0.2, 3.0, 8)
+    got = screen.experts(weight, inputs, torch.zeros(300, dtype=torch.long), 1, 64.0)
+    want, keep = sparsegpt_prune(weight, inputs.double().t() @ inputs.double(), sparsity=0.5)
+    assert got.shape == (1, 12, 8)
+    assert torch.equal(got[0] != 0, keep)
+    torch.testing.assert_close(got[0], want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_foldable_feature_maps_are_linear_and_abs_is_not(screen):
+    mlp = tiny_mlp(seed=2)
+    gate, up = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+    tokens = screen.unit(torch.randn(50, 8))
+    maps = screen.feature_maps(gate, up, tokens)
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    for name, f in maps.items():
+        linear = torch.allclose(f(2 * a - 3 * b), 2 * f(a) - 3 * f(b), atol=1e-5)
+        assert linear == ("not foldable" not in name), name
