@@ -167,15 +167,16 @@ def diagnose(
     uc: torch.Tensor,
     ue: torch.Tensor,
     pca: int,
+    stock: tuple[torch.Tensor, ...],
     args: Any,
     rows: list[dict[str, Any]],
     layer: int,
 ) -> None:
     """Default router only: error closed on held-out tokens, on the calibration tokens themselves
-    (the gap between them is overfitting), and with per-token oracle routing (router headroom)."""
+    (the gap between them is overfitting), and with per-token oracle routing (router headroom).
+    ``stock``: SparseGPT's experts of this block (K = 1), the reference."""
     seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
     one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
-    stock = block_experts(mlp, xc, one_c, 1, 0.0)
     base_eval = routed_error(mlp, stock, xe, one_e)
     base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
     for k in args.diagnose_experts:
@@ -232,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         uc, ue = unit(xc), unit(xe)
         pca = max(1, xc.shape[1] // 32)
         zeros_c, zeros_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
-        base = block_error(mlp, xc, xe, zeros_c, zeros_e, 1, 0.0)
+        stock = block_experts(mlp, xc, zeros_c, 1, 0.0)
+        base = routed_error(mlp, stock, xe, zeros_e)
         print(f"layer {layer}: SparseGPT relative error {base:.4f}", flush=True)
         rows.append({"layer": layer, "variant": "SparseGPT (K=1)", "error": base, "closed": 0.0})
         if args.diagnose:
-            diagnose(mlp, xc, xe, uc, ue, pca, args, rows, layer)
+            diagnose(mlp, xc, xe, uc, ue, pca, stock, args, rows, layer)
             continue
         for name, features in feature_maps(gate, up, uc).items():
             t0 = time.perf_counter()

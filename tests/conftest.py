@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -60,3 +65,14 @@ def smollm2(smollm2_dir):
     from sparse_expansion_plugin.data import load_model_and_tokenizer
 
     return load_model_and_tokenizer(smollm2_dir)
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """Import ``benchmarks/<name>.py`` (a script, not a package) for a test, then leave sys.path as it was."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(str(benchmarks))

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 from test_lm_eval import save_tiny
 from transformers import AutoTokenizer
 
@@ -24,13 +25,8 @@ SCRIPT = BENCHMARKS / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import gpu_check
-
-        yield gpu_check
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("gpu_check") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,19 @@ experts against SparseGPT on the plain Hessian, and the linearity its feature ma
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def screen():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import router_feature_screen
-
-        yield router_feature_screen
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("router_feature_screen") as module:
+        yield module
 
 
 def tiny_mlp(d: int = 8, inter: int = 16, seed: int = 0) -> SimpleNamespace:
