@@ -13,7 +13,12 @@ What lives where:
 
 from __future__ import annotations
 
-from sparse_expansion_plugin.sparse_expansion.layer import ExpandedLinear, is_expanded, materialize_experts
+from sparse_expansion_plugin.sparse_expansion.layer import (
+    ExpandedLinear,
+    is_expanded,
+    materialize_experts,
+    store_experts_semi_structured,
+)
 from sparse_expansion_plugin.sparse_expansion.model import is_expanded_dir, load_expanded, save_expanded
 from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter
 
@@ -24,5 +29,6 @@ __all__ = [
     "is_expanded_dir",
     "load_expanded",
     "materialize_experts",
+    "store_experts_semi_structured",
     "save_expanded",
 ]

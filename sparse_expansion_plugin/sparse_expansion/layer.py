@@ -19,7 +19,11 @@ Two forwards, the same result (``grouped.py`` holds the matmuls):
   GEMM; a call with fewer tokens than experts (decoding) gathers each token's
   expert on the device instead (T weights touched, not K).
 
-:attr:`ExpandedLinear.routed_path` forces one (tests, benchmarks).
+:attr:`ExpandedLinear.routed_path` forces one (tests, benchmarks). A third
+storage, for 2:4 experts on CUDA, takes precedence over both:
+:meth:`ExpandedLinear.store_semi_structured` keeps each expert as torch's
+semi-structured sparse tensor, multiplied by the sparse tensor cores without
+unpacking (one host read of the counts per call, then one matmul per used expert).
 
 Where the routing comes from: a layer that routes its *own* input owns a
 router (a registered submodule, ``<layer>.router``); a layer routed by its MLP
@@ -30,10 +34,12 @@ and clears it after), so nothing depends on the order in which layers run.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_expansion_plugin.sparse_expansion.grouped import (
@@ -55,6 +61,14 @@ from sparse_expansion_plugin.sparse_expansion.packing import (
     unpack_mask,
 )
 from sparse_expansion_plugin.sparse_expansion.router import ExpertRouter, Routing
+from sparse_expansion_plugin.sparse_expansion.semi_structured import (
+    is_two_four,
+    semi_structured_bytes,
+    semi_structured_problem,
+    to_semi_structured,
+)
+
+logger = logging.getLogger(__name__)
 
 RoutedPath = Literal["auto", "host", "device"]
 ROUTED_PATHS: tuple[str, ...] = ("auto", "host", "device")
@@ -75,6 +89,7 @@ class ExpandedLinear(nn.Module):
     bias: nn.Parameter | None
     router: ExpertRouter | None
     dense_experts: Tensor | None  # ``[K, in, out]`` when materialized: a plain attribute, never saved
+    semi_structured_experts: list[Tensor] | None  # K ``[out, in]`` semi-structured (CUDA 2:4), never saved
     # "auto": host counts on CPU, the device forward elsewhere; "host" / "device" force one (not saved)
     routed_path: RoutedPath = "auto"
 
@@ -109,6 +124,7 @@ class ExpandedLinear(nn.Module):
         # not a buffer: an offloaded module (compressed-tensors' OffloadCache) must not write
         # temporary dense copies to its offload device; `_apply` moves it with the module instead
         self.dense_experts = None
+        self.semi_structured_experts = None
         self.block_routing: Routing | None = None  # set by the MLP block for one call (block.py)
         self._bounds: list[int] | None = None  # where each expert's values start and end (host ints)
         self._starts: Tensor | None = None  # the starts on the device the values live on (device forward)
@@ -153,6 +169,13 @@ class ExpandedLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.dense_experts is not None:
             self.dense_experts = fn(self.dense_experts)
+        if self.semi_structured_experts is not None:
+            # torch cannot move or cast a semi-structured tensor: drop them, back to the packed forward
+            logger.warning(
+                "semi-structured experts dropped on moving or casting the layer; call "
+                "store_experts_semi_structured(model) again on the new device"
+            )
+            self.semi_structured_experts = None
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -213,6 +236,8 @@ class ExpandedLinear(nn.Module):
             )
         if flat.shape[0] == 0:  # no tokens: same as nn.Linear on an empty input
             out = flat.new_zeros(0, self.out_features)
+        elif self.semi_structured_experts is not None:
+            out = self._forward_semi_structured(flat, routing, self.semi_structured_experts)
         elif self._on_device(flat):
             out = self._forward_on_device(flat, routing)
         else:
@@ -289,6 +314,51 @@ class ExpandedLinear(nn.Module):
         return self._scatter_back(padded_matmul(grouped, weights, routing), routing)
 
     @staticmethod
+    def _forward_semi_structured(flat: Tensor, routing: Routing, experts: list[Tensor]) -> Tensor:
+        """One host read of the counts, then each used expert's tokens times its semi-structured weight.
+
+        Why not grouped GEMM: torch has no grouped kernel for semi-structured
+        operands, so the used experts run one sparse matmul each (torch pads each
+        group's rows to the kernel's minimum).
+        """
+        counts = routing.host_counts
+        grouped = routing.grouped(flat)
+        out = flat.new_empty(flat.shape[0], experts[0].shape[0])
+        start = 0
+        for k, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                out.index_copy_(0, routing.order[rows], F.linear(grouped[rows], experts[k]))
+                start += count
+        return out
+
+    def store_semi_structured(self, enable: bool = True) -> int:
+        """Keep every expert as a semi-structured sparse tensor (2:4 experts, CUDA); returns their bytes.
+
+        ``enable=False`` drops them (the packed experts stay, as always). Raises
+        ``ValueError`` naming the problem when the layer cannot: not on a CUDA GPU
+        of compute capability 8.0+, not float16/bfloat16, a shape torch's kernels
+        do not take, or experts that are not 2:4.
+        """
+        self.semi_structured_experts = None
+        if not enable:
+            return 0
+        problem = semi_structured_problem(
+            self.values.device, self.values.dtype, self.out_features, self.in_features
+        )
+        if problem is not None:
+            raise ValueError(f"cannot store semi-structured experts: {problem}")
+        if not is_two_four(unpack_mask(self.mask, self.in_features)):
+            raise ValueError(
+                "cannot store semi-structured experts: they are not 2:4 sparse (some group of 4 inputs "
+                "keeps more than 2); compress with mask_structure: '2:4' to get such experts"
+            )
+        weights = unpack_experts(self.values, self.mask, self.in_features, self.expert_bounds)
+        experts = [to_semi_structured(weights[k]) for k in range(self.num_experts)]
+        self.semi_structured_experts = experts
+        return sum(semi_structured_bytes(w) for w in experts)
+
+    @staticmethod
     def _scatter_back(result: Tensor, routing: Routing) -> Tensor:
         """Rows in expert order back to token order."""
         return torch.empty_like(result).index_copy_(0, routing.order, result)
@@ -349,3 +419,15 @@ def materialize_experts(model: nn.Module, enable: bool = True) -> int:
     Returns the bytes the dense copies take.
     """
     return sum(layer.materialize(enable) for layer in expanded_linears(model).values())
+
+
+def store_experts_semi_structured(model: nn.Module, enable: bool = True) -> int:
+    """Keep (or drop) every expert of a 2:4-expanded model on CUDA as a semi-structured sparse tensor.
+
+    Why: the sparse tensor cores multiply these directly, at about the packed
+    bytes, where the packed forward unpacks each call's experts to dense first.
+    Call after the model is on its GPU in float16/bfloat16 (moving or casting it
+    drops them). Returns their bytes; raises ``ValueError`` naming the problem
+    when a layer cannot (see :meth:`ExpandedLinear.store_semi_structured`).
+    """
+    return sum(layer.store_semi_structured(enable) for layer in expanded_linears(model).values())
