@@ -98,25 +98,41 @@ def assign(
 
 
 def experts(
-    weight: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor, k: int, tau: float
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    tau: float,
+    fixed_pruned: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SparseGPT 50% experts ``[k, out, in]`` of ``weight`` on per-cluster Hessians (count prior ``tau``)."""
+    """SparseGPT 50% experts ``[k, out, in]`` of ``weight`` on per-cluster Hessians (count prior ``tau``).
+
+    ``fixed_pruned``: one mask for every expert (True = pruned); only the values are solved per cluster."""
     acc = StreamingClusterHessians(k, inputs.shape[1])
     for start in range(0, inputs.shape[0], 4096):
         acc.add(inputs[start : start + 4096], labels[start : start + 4096])
     hessians, _ = regularized_hessians(acc.result(), prior_tokens=tau if k > 1 else 0.0)
-    pruned, _ = sparsegpt_prune(weight, hessians, sparsity=0.5)
+    pruned, _ = sparsegpt_prune(weight, hessians, sparsity=0.5, fixed_pruned=fixed_pruned)
     return pruned if pruned.dim() == 3 else pruned.unsqueeze(0)
 
 
 def block_experts(
-    mlp: Any, x_cal: torch.Tensor, lab_cal: torch.Tensor, k: int, tau: float
+    mlp: Any,
+    x_cal: torch.Tensor,
+    lab_cal: torch.Tensor,
+    k: int,
+    tau: float,
+    shared_masks: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gate, up and down experts of one MLP block, down calibrated on the dense hidden state."""
+    """Gate, up and down experts of one MLP block, down calibrated on the dense hidden state.
+
+    ``shared_masks``: gate, up and down pruned masks every expert keeps (else each expert chooses its own)."""
     gate, up, down = (m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     hidden_cal = F.silu(x_cal @ gate.t()) * (x_cal @ up.t())  # down's dense calibration inputs
-    g_k, u_k = experts(gate, x_cal, lab_cal, k, tau), experts(up, x_cal, lab_cal, k, tau)
-    return g_k, u_k, experts(down, hidden_cal, lab_cal, k, tau)
+    masks = shared_masks or (None, None, None)
+    g_k = experts(gate, x_cal, lab_cal, k, tau, masks[0])
+    u_k = experts(up, x_cal, lab_cal, k, tau, masks[1])
+    return g_k, u_k, experts(down, hidden_cal, lab_cal, k, tau, masks[2])
 
 
 def dense_block(mlp: Any, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +213,58 @@ def diagnose(
         )
 
 
+def levers(
+    mlp: Any,
+    xc: torch.Tensor,
+    xe: torch.Tensor,
+    uc: torch.Tensor,
+    ue: torch.Tensor,
+    pca: int,
+    stock: tuple[torch.Tensor, ...],
+    args: Any,
+    rows: list[dict[str, Any]],
+    layer: int,
+) -> None:
+    """Default router, K = ``--experts``: levers against experts that overfit their cluster's tokens.
+
+    - own masks: the package's default (each expert chooses its mask on its cluster's Hessian);
+    - SparseGPT's mask shared: every expert keeps stock SparseGPT's mask and re-solves only the values
+      on its cluster's Hessian (a discrete choice made on all tokens, fewer degrees of freedom);
+    - a stronger count prior (``--lever-prior-tokens``): each cluster Hessian shrunk harder to the layer's.
+    Each scored on held-out tokens and on calibration tokens (the gap is overfitting)."""
+    seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
+    one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
+    base_eval = routed_error(mlp, stock, xe, one_e)
+    base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
+    lab_c, lab_e = assign(lambda u: u, uc, ue, args.experts, pca, args.seed)
+    stock_masks = tuple(w[0] == 0 for w in stock)
+    variants = {
+        "own masks (default)": lambda: block_experts(mlp, xc, lab_c, args.experts, args.prior_tokens),
+        "SparseGPT's mask shared": lambda: block_experts(
+            mlp, xc, lab_c, args.experts, args.prior_tokens, shared_masks=stock_masks
+        ),
+        f"prior tokens {args.lever_prior_tokens:g}": lambda: block_experts(
+            mlp, xc, lab_c, args.experts, args.lever_prior_tokens
+        ),
+    }
+    for name, build in variants.items():
+        t0 = time.perf_counter()
+        weights = build()
+        row = {
+            "layer": layer,
+            "variant": name,
+            "closed": 1 - routed_error(mlp, weights, xe, lab_e) / base_eval,
+            "closed_on_calibration": 1 - routed_error(mlp, weights, xc[seen], lab_c[seen]) / base_seen,
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        print(
+            f"layer {layer}: {name:28s} held-out {row['closed']:+.1%}  calibration tokens "
+            f"{row['closed_on_calibration']:+.1%} ({row['seconds']:.0f} s)",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -210,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diagnose", action="store_true", help="default router only: overfitting and oracle")
     parser.add_argument("--diagnose-experts", type=int, nargs="+", default=[16])
+    parser.add_argument("--levers", action="store_true", help="default router: levers against overfitting")
+    parser.add_argument("--lever-prior-tokens", type=float, default=512.0)
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -239,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"layer": layer, "variant": "SparseGPT (K=1)", "error": base, "closed": 0.0})
         if args.diagnose:
             diagnose(mlp, xc, xe, uc, ue, pca, stock, args, rows, layer)
+            continue
+        if args.levers:
+            levers(mlp, xc, xe, uc, ue, pca, stock, args, rows, layer)
             continue
         for name, features in feature_maps(gate, up, uc).items():
             t0 = time.perf_counter()

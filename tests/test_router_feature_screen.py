@@ -76,3 +76,16 @@ def test_foldable_feature_maps_are_linear_and_abs_is_not(screen):
     for name, f in maps.items():
         linear = torch.allclose(f(2 * a - 3 * b), 2 * f(a) - 3 * f(b), atol=1e-5)
         assert linear == ("not foldable" not in name), name
+
+
+def test_shared_mask_experts_keep_sparsegpts_mask_and_differ_in_values(screen):
+    mlp = tiny_mlp(d=16, inter=32)
+    x = torch.randn(400, 16)
+    labels = torch.arange(400) % 3
+    stock = screen.block_experts(mlp, x, torch.zeros(400, dtype=torch.long), 1, 0.0)
+    masks = tuple(w[0] == 0 for w in stock)
+    shared = screen.block_experts(mlp, x, labels, 3, 0.0, shared_masks=masks)
+    for w, mask in zip(shared, masks, strict=True):
+        for e in range(3):
+            assert torch.equal(w[e] == 0, mask)
+        assert not torch.equal(w[0], w[1])  # values solved on each cluster's own Hessian

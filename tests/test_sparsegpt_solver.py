@@ -157,6 +157,7 @@ def test_non_positive_definite_expert_is_dampened_not_fatal(caplog):
         ({"prune_n": 2, "prune_m": 0}, "0 < N < M"),
         ({"sparsity": torch.full((8,), 0.5), "prune_n": 2, "prune_m": 4}, "N:M"),
         ({"sparsity": torch.full((7,), 0.5)}, "shape"),
+        ({"fixed_pruned": torch.zeros(8, 15, dtype=torch.bool)}, "fixed_pruned is"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
@@ -199,3 +200,34 @@ def test_column_weight_steers_nm_choice_and_keeps_pattern():
     assert bool(keep[:, ::4].all())
     _, keep_ref = sparsegpt_prune(weight, hessian, prune_n=2, prune_m=4)
     assert not bool(keep_ref[:, ::4].all())
+
+
+def _slow_fixed_mask_obs(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """Column-by-column OBS with a given mask, in float64 with scipy's Cholesky: for each column i,
+    the pruned weights' error ``w_i / U_ii`` is taken out of columns i.. through row i of
+    ``U = chol(H^-1)`` (upper), H dampened by 1% of its mean diagonal as the stock solver does."""
+    import numpy as np
+    import scipy.linalg
+
+    h = hessian.double().numpy().copy()
+    h[np.diag_indices_from(h)] += 0.01 * np.diag(h).mean()
+    upper = scipy.linalg.cholesky(np.linalg.inv(h), lower=False)
+    w = weight.double().numpy().copy()
+    mask = pruned.numpy()
+    for i in range(w.shape[1]):
+        err = np.where(mask[:, i], w[:, i] / upper[i, i], 0.0)
+        w[:, i:] -= err[:, None] * upper[i, i:][None, :]
+    w[mask] = 0.0
+    return torch.from_numpy(w)
+
+
+def test_fixed_mask_is_kept_and_solved_as_column_by_column_obs():
+    weight, hessian = _layer(4, rows=12, n=200)
+    gen = torch.Generator().manual_seed(5)
+    pruned = torch.rand(3, 12, 200, generator=gen) < 0.5  # one mask per expert, not SparseGPT's choice
+    hessians = torch.stack([hessian, hessian * 2 + torch.eye(200), hessian.diag().diag() + hessian / 3])
+    out, keep = sparsegpt_prune(weight, hessians, sparsity=0.9, fixed_pruned=pruned)
+    assert torch.equal(keep, ~pruned)  # the given mask, not the 90% sparsity asked for
+    for e in range(3):
+        expected = _slow_fixed_mask_obs(weight, hessians[e], pruned[e])
+        torch.testing.assert_close(out[e].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

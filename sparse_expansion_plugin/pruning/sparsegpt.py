@@ -157,6 +157,7 @@ def sparsegpt_prune(
     row_weight: Tensor | None = None,
     column_weight: Tensor | None = None,
     num_zeros: Tensor | int | None = None,
+    fixed_pruned: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` with SparseGPT given its input Hessian; return (pruned weight, keep mask).
 
@@ -186,6 +187,10 @@ def sparsegpt_prune(
         of a float ``sparsity``: spread over the blocks by column count
         (cumulative ``floor(K * c / n)``) and chosen in each block by the stock
         block-wide saliency rule. Lets a caller hit an exact total.
+    fixed_pruned: bool ``[out, n]`` or ``[E, out, n]``, True where a weight must be
+        pruned: the mask is given, not chosen (``sparsity`` and N:M are then
+        ignored), and only the OBS updates of the kept weights are solved. Lets
+        experts share one mask and differ only in their values.
     Returns ``(weight, keep)`` of shape ``[E, out, n]`` if ``weight`` or ``hessian``
     is batched, else ``[out, n]``; ``weight`` keeps the input dtype, ``keep`` is bool.
     """
@@ -242,6 +247,15 @@ def sparsegpt_prune(
     if row_w is not None:
         row_w = row_w.transpose(1, 2)  # [E, 1, out]: rows are the last axis in the layout below
 
+    fixed_t = None
+    if fixed_pruned is not None:
+        if fixed_pruned.shape[-2:] != (num_rows, num_columns):
+            raise ValueError(
+                f"fixed_pruned is {tuple(fixed_pruned.shape)} but the weight is {num_rows} x {num_columns}"
+            )
+        fixed_t = fixed_pruned.to(device=W.device, dtype=torch.bool).reshape(-1, num_rows, num_columns)
+        fixed_t = fixed_t.expand(num_experts, -1, -1).transpose(1, 2)  # [E, n, out], as the hot loop
+
     Hinv = _upper_cholesky_of_inverse(H, dampening_frac)
     del H
     # Hot loop layout: the weight transposed to [E, n, out], so that column i of every expert is
@@ -258,7 +272,9 @@ def sparsegpt_prune(
         Hinv1 = Hinv[:, i1:i2, i1:i2]
         hdiag1 = Hinv1.diagonal(dim1=-2, dim2=-1)[:, :, None]  # [E, count, 1]
 
-        if prune_n == 0:
+        if fixed_t is not None:
+            mask1 = fixed_t[:, i1:i2].clone()
+        elif prune_n == 0:
             saliency = W1**2 / hdiag1**2  # [E, count, out]
             if row_w is not None:
                 saliency = saliency * row_w
@@ -300,7 +316,7 @@ def sparsegpt_prune(
         for j1 in range(0, count, step):
             j2 = min(j1 + step, count)
             for i in range(j1, j2):
-                if prune_n != 0 and i % prune_m == 0:
+                if prune_n != 0 and fixed_t is None and i % prune_m == 0:
                     group = W1[:, i : i + prune_m] ** 2 / hdiag1[:, i : i + prune_m] ** 2
                     if col_w is not None:
                         group = group * col_w[:, i1 + i : i1 + i + prune_m]
