@@ -26,6 +26,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,62 @@ def assign(
         return torch.cdist((features(u).double() - mean) @ comps.t(), centres).argmin(dim=1)
 
     return nearest(calib_unit), nearest(eval_unit)
+
+
+def second_choice(
+    calib_unit: torch.Tensor, k: int, pca: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As :func:`assign` on unit tokens: each calibration token's nearest and second-nearest centroid,
+    and the gap ``d_2^2 - d_1^2`` between their squared distances (same PCA and k-means, same seed)."""
+    fit = calib_unit.double()
+    mean, comps = top_components(fit, pca, seed)
+    projected = (fit - mean) @ comps.t()
+    km = KMeans(n_clusters=k, n_init=1, max_iter=300, random_state=seed).fit(projected.numpy())
+    dist = torch.cdist(projected, torch.from_numpy(km.cluster_centers_)) ** 2
+    two = dist.topk(2, dim=1, largest=False)
+    return two.indices[:, 0], two.indices[:, 1], two.values[:, 1] - two.values[:, 0]
+
+
+def soft_experts(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    share: torch.Tensor,
+    k: int,
+    tau: float,
+) -> torch.Tensor:
+    """As :func:`experts`, each token counted in two clusters' Hessians: ``1 - share`` in its own,
+    ``share`` in its second-nearest (the count prior uses the weighted counts)."""
+    x = inputs.float()
+    hessians = torch.zeros(k, x.shape[1], x.shape[1])
+    counts = torch.zeros(k, dtype=torch.float64)
+    for e in range(k):
+        own, near = first == e, second == e
+        rows = torch.cat([x[own] * (1 - share[own]).sqrt()[:, None], x[near] * share[near].sqrt()[:, None]])
+        hessians[e] = rows.t() @ rows
+        counts[e] = float((1 - share[own]).sum() + share[near].sum())
+    layer = x.t() @ x / len(x)
+    for e in range(k):
+        own_mean = hessians[e] / max(float(counts[e]), 1e-9)
+        hessians[e] = (counts[e] * own_mean + tau * layer) / (counts[e] + tau)
+    pruned, _ = sparsegpt_prune(weight, hessians, sparsity=0.5)
+    return pruned
+
+
+def soft_block_experts(
+    weights: tuple[torch.Tensor, ...],
+    inputs: tuple[torch.Tensor, ...],
+    first: torch.Tensor,
+    second: torch.Tensor,
+    share: torch.Tensor,
+    k: int,
+    tau: float,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`soft_experts` of gate, up and down (each with its own calibration inputs)."""
+    return tuple(
+        soft_experts(w, x, first, second, share, k, tau) for w, x in zip(weights, inputs, strict=True)
+    )
 
 
 def experts(
@@ -230,7 +287,9 @@ def levers(
     - own masks: the package's default (each expert chooses its mask on its cluster's Hessian);
     - SparseGPT's mask shared: every expert keeps stock SparseGPT's mask and re-solves only the values
       on its cluster's Hessian (a discrete choice made on all tokens, fewer degrees of freedom);
-    - a stronger count prior (``--lever-prior-tokens``): each cluster Hessian shrunk harder to the layer's.
+    - a stronger count prior (``--lever-prior-tokens``): each cluster Hessian shrunk harder to the layer's;
+    - soft Hessians (``--soft-scales``): each token also counted in its second-nearest cluster's Hessian,
+      with a share that falls with the gap between the two squared distances (routing stays hard).
     Each scored on held-out tokens and on calibration tokens (the gap is overfitting)."""
     seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
     one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
@@ -238,15 +297,29 @@ def levers(
     base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
     lab_c, lab_e = assign(lambda u: u, uc, ue, args.experts, pca, args.seed)
     stock_masks = tuple(w[0] == 0 for w in stock)
-    variants = {
-        "own masks (default)": lambda: block_experts(mlp, xc, lab_c, args.experts, args.prior_tokens),
-        "SparseGPT's mask shared": lambda: block_experts(
-            mlp, xc, lab_c, args.experts, args.prior_tokens, shared_masks=stock_masks
-        ),
-        f"prior tokens {args.lever_prior_tokens:g}": lambda: block_experts(
-            mlp, xc, lab_c, args.experts, args.lever_prior_tokens
-        ),
+    k, tau = args.experts, args.prior_tokens
+    variants: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
+        "own masks (default)": lambda: block_experts(mlp, xc, lab_c, k, tau)
     }
+    if "shared-mask" in args.lever_names:
+        variants["SparseGPT's mask shared"] = lambda: block_experts(
+            mlp, xc, lab_c, k, tau, shared_masks=stock_masks
+        )
+    if "prior" in args.lever_names:
+        variants[f"prior tokens {args.lever_prior_tokens:g}"] = lambda: block_experts(
+            mlp, xc, lab_c, k, args.lever_prior_tokens
+        )
+    if "soft" in args.lever_names:
+        first, second, gap = second_choice(uc, k, pca, args.seed)
+        assert torch.equal(first, lab_c), "second_choice must repeat assign's clustering"
+        gate, up, down = (m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        hidden = F.silu(xc @ gate.t()) * (xc @ up.t())
+        for scale in args.soft_scales:
+            # share of the second-nearest cluster: logistic in the distance gap, 27% at the median gap x scale
+            share = torch.sigmoid(-gap / (gap.median() * scale)).float()
+            variants[f"soft Hessians, scale {scale:g}"] = partial(
+                soft_block_experts, (gate, up, down), (xc, xc, hidden), first, second, share, k, tau
+            )
     for name, build in variants.items():
         t0 = time.perf_counter()
         weights = build()
@@ -280,6 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diagnose-experts", type=int, nargs="+", default=[16])
     parser.add_argument("--levers", action="store_true", help="default router: levers against overfitting")
     parser.add_argument("--lever-prior-tokens", type=float, default=512.0)
+    parser.add_argument(
+        "--lever-names",
+        nargs="+",
+        default=["shared-mask", "prior", "soft"],
+        help="levers to run with --levers",
+    )
+    parser.add_argument(
+        "--soft-scales", type=float, nargs="+", default=[1.0], help="soft Hessians' gap scales"
+    )
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)

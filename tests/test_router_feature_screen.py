@@ -89,3 +89,18 @@ def test_shared_mask_experts_keep_sparsegpts_mask_and_differ_in_values(screen):
         for e in range(3):
             assert torch.equal(w[e] == 0, mask)
         assert not torch.equal(w[0], w[1])  # values solved on each cluster's own Hessian
+
+
+def test_soft_hessians_with_no_share_are_the_hard_clusters(screen):
+    """With a zero share every token counts in its own cluster only: the package's streaming Hessians
+    and count prior (``experts``) must give the same experts as the screen's direct sums."""
+    torch.manual_seed(2)
+    weight = torch.randn(12, 16)
+    x = torch.randn(300, 16) * torch.linspace(0.2, 2.0, 16)
+    first = torch.arange(300) % 3
+    second = (first + 1) % 3
+    soft = screen.soft_experts(weight, x, first, second, torch.zeros(300), 3, 64.0)
+    hard = screen.experts(weight, x, first, 3, 64.0)
+    torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)
+    shared = screen.soft_experts(weight, x, first, second, torch.full((300,), 0.4), 3, 64.0)
+    assert not torch.allclose(shared, hard, atol=1e-3)  # the share does reach the Hessians
