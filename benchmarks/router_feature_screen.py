@@ -26,6 +26,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -233,34 +234,65 @@ def block_error(
     return routed_error(mlp, block_experts(mlp, x_cal, lab_cal, k, tau), x_eval, lab_eval)
 
 
-def diagnose(
-    mlp: Any,
-    xc: torch.Tensor,
-    xe: torch.Tensor,
-    uc: torch.Tensor,
-    ue: torch.Tensor,
-    pca: int,
-    stock: tuple[torch.Tensor, ...],
-    args: Any,
-    rows: list[dict[str, Any]],
-    layer: int,
-) -> None:
+@dataclass(frozen=True)
+class Block:
+    """One decoder layer's MLP with its captured inputs, raw and unit-normalised, the PCA size and
+    SparseGPT's experts of the block (the K = 1 reference)."""
+
+    layer: int
+    mlp: Any
+    xc: torch.Tensor
+    xe: torch.Tensor
+    uc: torch.Tensor
+    ue: torch.Tensor
+    pca: int
+    stock: tuple[torch.Tensor, ...]
+
+
+def astuple_shallow(block: Block) -> tuple[Any, ...]:
+    """The block's fields in order, not copied (``dataclasses.astuple`` deep-copies tensors)."""
+    return tuple(getattr(block, f.name) for f in fields(block))
+
+
+class ClosedScore:
+    """Error closed against SparseGPT (``stock``, K = 1) on the held-out tokens and on as many
+    calibration tokens (a seeded draw): the gap between the two is overfitting."""
+
+    def __init__(
+        self, mlp: Any, xc: torch.Tensor, xe: torch.Tensor, stock: tuple[torch.Tensor, ...], seed: int
+    ) -> None:
+        self.mlp, self.xc, self.xe = mlp, xc, xe
+        self.seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(seed))[: len(xe)]
+        self.base_eval = routed_error(mlp, stock, xe, torch.zeros(len(xe), dtype=torch.long))
+        self.base_seen = routed_error(
+            mlp, stock, xc[self.seen], torch.zeros(len(self.seen), dtype=torch.long)
+        )
+
+    def __call__(
+        self, weights: tuple[torch.Tensor, ...], lab_c: torch.Tensor, lab_e: torch.Tensor
+    ) -> dict[str, float]:
+        seen = self.seen
+        return {
+            "closed": 1 - routed_error(self.mlp, weights, self.xe, lab_e) / self.base_eval,
+            "closed_on_calibration": 1
+            - routed_error(self.mlp, weights, self.xc[seen], lab_c[seen]) / self.base_seen,
+        }
+
+
+def diagnose(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
     """Default router only: error closed on held-out tokens, on the calibration tokens themselves
     (the gap between them is overfitting), and with per-token oracle routing (router headroom).
     ``stock``: SparseGPT's experts of this block (K = 1), the reference."""
-    seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
-    one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
-    base_eval = routed_error(mlp, stock, xe, one_e)
-    base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
+    layer, mlp, xc, xe, uc, ue, pca, stock = astuple_shallow(block)
+    score = ClosedScore(mlp, xc, xe, stock, args.seed)
     for k in args.diagnose_experts:
         lab_c, lab_e = assign(lambda u: u, uc, ue, k, pca, args.seed)
         weights = block_experts(mlp, xc, lab_c, k, args.prior_tokens)
         row = {
             "layer": layer,
             "variant": f"K={k}",
-            "closed": 1 - routed_error(mlp, weights, xe, lab_e) / base_eval,
-            "closed_on_calibration": 1 - routed_error(mlp, weights, xc[seen], lab_c[seen]) / base_seen,
-            "closed_oracle": 1 - oracle_error(mlp, weights, xe) / base_eval,
+            **score(weights, lab_c, lab_e),
+            "closed_oracle": 1 - oracle_error(mlp, weights, xe) / score.base_eval,
         }
         rows.append(row)
         print(
@@ -270,18 +302,7 @@ def diagnose(
         )
 
 
-def levers(
-    mlp: Any,
-    xc: torch.Tensor,
-    xe: torch.Tensor,
-    uc: torch.Tensor,
-    ue: torch.Tensor,
-    pca: int,
-    stock: tuple[torch.Tensor, ...],
-    args: Any,
-    rows: list[dict[str, Any]],
-    layer: int,
-) -> None:
+def levers(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
     """Default router, K = ``--experts``: levers against experts that overfit their cluster's tokens.
 
     - own masks: the package's default (each expert chooses its mask on its cluster's Hessian);
@@ -291,10 +312,8 @@ def levers(
     - soft Hessians (``--soft-scales``): each token also counted in its second-nearest cluster's Hessian,
       with a share that falls with the gap between the two squared distances (routing stays hard).
     Each scored on held-out tokens and on calibration tokens (the gap is overfitting)."""
-    seen = torch.randperm(len(xc), generator=torch.Generator().manual_seed(args.seed))[: len(xe)]
-    one_c, one_e = torch.zeros(len(xc), dtype=torch.long), torch.zeros(len(xe), dtype=torch.long)
-    base_eval = routed_error(mlp, stock, xe, one_e)
-    base_seen = routed_error(mlp, stock, xc[seen], one_c[seen])
+    layer, mlp, xc, xe, uc, ue, pca, stock = astuple_shallow(block)
+    score = ClosedScore(mlp, xc, xe, stock, args.seed)
     lab_c, lab_e = assign(lambda u: u, uc, ue, args.experts, pca, args.seed)
     stock_masks = tuple(w[0] == 0 for w in stock)
     k, tau = args.experts, args.prior_tokens
@@ -326,8 +345,7 @@ def levers(
         row = {
             "layer": layer,
             "variant": name,
-            "closed": 1 - routed_error(mlp, weights, xe, lab_e) / base_eval,
-            "closed_on_calibration": 1 - routed_error(mlp, weights, xc[seen], lab_c[seen]) / base_seen,
+            **score(weights, lab_c, lab_e),
             "seconds": time.perf_counter() - t0,
         }
         rows.append(row)
@@ -389,11 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         base = routed_error(mlp, stock, xe, zeros_e)
         print(f"layer {layer}: SparseGPT relative error {base:.4f}", flush=True)
         rows.append({"layer": layer, "variant": "SparseGPT (K=1)", "error": base, "closed": 0.0})
+        block = Block(layer, mlp, xc, xe, uc, ue, pca, stock)
         if args.diagnose:
-            diagnose(mlp, xc, xe, uc, ue, pca, stock, args, rows, layer)
+            diagnose(block, args, rows)
             continue
         if args.levers:
-            levers(mlp, xc, xe, uc, ue, pca, stock, args, rows, layer)
+            levers(block, args, rows)
             continue
         for name, features in feature_maps(gate, up, uc).items():
             t0 = time.perf_counter()
