@@ -269,3 +269,89 @@ def test_bad_prior_arguments():
         regularized_hessians(stats, prior_tokens=float("nan"))
     with pytest.raises(ValueError, match="hessian_shrinkage=0.2 and prior_tokens=5"):
         regularized_hessians(stats, shrinkage=0.2, prior_tokens=5.0)
+
+
+# --- soft Hessians: each token shared with its second-nearest cluster -------------------
+
+
+def test_soft_hessians_equal_weighted_loop_reference():
+    """Token t adds (1 - s_t) x x^T to its cluster and s_t x x^T to its second one: per-token means
+    and weighted counts against a float64 loop; the global Hessian still holds every token once."""
+    num_experts = 4
+    batches, firsts = ragged_batches(num_experts, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    seconds = [
+        (f + 1 + torch.randint(0, num_experts - 1, f.shape, generator=gen)) % num_experts for f in firsts
+    ]
+    shares = [torch.rand(f.shape, generator=gen) for f in firsts]
+    stream = StreamingClusterHessians(num_experts, DIM)
+    for batch, first, second, share in zip(batches, firsts, seconds, shares, strict=True):
+        stream.add(batch, first, second, share)
+    stats = stream.result()
+    gram = np.zeros((num_experts, DIM, DIM))
+    weight = np.zeros(num_experts)
+    for batch, first, second, share in zip(batches, firsts, seconds, shares, strict=True):
+        for x, a, b, s in zip(
+            batch.double().reshape(-1, DIM).numpy(), first, second, share.double(), strict=True
+        ):
+            gram[int(a)] += (1 - float(s)) * np.outer(x, x)
+            gram[int(b)] += float(s) * np.outer(x, x)
+            weight[int(a)] += 1 - float(s)
+            weight[int(b)] += float(s)
+    np.testing.assert_allclose(stats.token_weights, weight, rtol=1e-6)
+    assert stats.tokens == np.bincount(torch.cat(firsts).numpy(), minlength=num_experts).tolist()
+    for k in range(num_experts):
+        assert_relative(stats.per_token(k), gram[k] / weight[k])
+    assert_relative(stats.per_token(), gram.sum(axis=0) / stats.global_tokens)
+    tau = 8.0
+    out, _ = regularized_hessians(stats, prior_tokens=tau)
+    layer = gram.sum(axis=0) / stats.global_tokens
+    for k in range(num_experts):
+        if stats.tokens[k]:  # an expert with no routed token takes the layer's Hessian
+            assert_relative(out[k], (gram[k] + tau * layer) / (weight[k] + tau))
+
+
+def test_second_choice_and_share_against_cdist_and_scipy():
+    from scipy.special import expit
+
+    from sparse_expansion_plugin.sparse_expansion.hessians import second_choice_shares, soft_share
+    from sparse_expansion_plugin.sparse_expansion.router import fold_pca_kmeans
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    mean, comps = (
+        torch.randn(6, generator=gen, dtype=torch.float64),
+        torch.randn(3, 6, generator=gen, dtype=torch.float64),
+    )
+    centres = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    weight, bias = fold_pca_kmeans(mean, comps, centres)
+    first, second, gap = second_choice_shares(x @ weight.t() + bias)
+    squared = (torch.cdist((x - mean) @ comps.t(), centres) ** 2).numpy()
+    order = np.argsort(squared, axis=1)
+    rows = np.arange(50)
+    assert first.tolist() == order[:, 0].tolist() and second.tolist() == order[:, 1].tolist()
+    np.testing.assert_allclose(
+        gap.numpy(), squared[rows, order[:, 1]] - squared[rows, order[:, 0]], rtol=1e-9
+    )
+    share = soft_share(gap, median_gap=0.7, scale=0.5)
+    np.testing.assert_allclose(share.numpy(), expit(-gap.numpy() / 0.35), rtol=1e-5)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        soft_share(gap, median_gap=0.7, scale=0.0)
+    with pytest.raises(ValueError, match="K >= 2"):
+        second_choice_shares(torch.zeros(4, 1))
+
+
+def test_bad_soft_hessian_input():
+    stream = StreamingClusterHessians(3, DIM)
+    x, first = torch.randn(4, DIM), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="both `second` and `second_share`"):
+        stream.add(x, first, second=torch.tensor([1, 2, 0, 1]))
+    with pytest.raises(ValueError, match=r"second_share must lie in \[0, 1\]"):
+        stream.add(x, first, torch.tensor([1, 2, 0, 1]), torch.tensor([0.1, 1.5, 0.0, 0.2]))
+    with pytest.raises(ValueError, match="4 floating-point shares"):
+        stream.add(x, first, torch.tensor([1, 2, 0, 1]), torch.tensor([1, 0, 0, 1]))
+    with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
+        stream.add(x, first, torch.tensor([1, 2, 3, 1]), torch.full((4,), 0.5))
+    with pytest.raises(ValueError, match="at least two experts"):
+        StreamingClusterHessians(1, DIM).add(x, None, torch.zeros(4, dtype=torch.long), torch.zeros(4))
+    assert stream.result().global_tokens == 0  # nothing half-added by a rejected batch

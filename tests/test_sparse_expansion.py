@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -473,3 +474,69 @@ def test_disk_offloaded_compression_equals_in_memory(tiny_dir, expanded4, tmp_pa
     ids = torch.tensor(calibration(2, 16, seed=5)["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expanded4(ids).logits, rtol=0, atol=0)
+
+
+def test_soft_hessians_equal_a_direct_computation_with_scikit_learn_distances():
+    """soft_hessian_scale: each token counted in its own cluster with 1 - s and in its second-nearest
+    with s = expit(-gap / (scale x median gap)), gap = d_2^2 - d_1^2 from scikit-learn's k-means
+    distances; each cluster's Hessian the weighted mean of x x^T, pulled by the prior with the weighted
+    count. Against that computed by hand in float64 and stock-shaped SparseGPT per expert."""
+    from scipy.special import expit
+
+    from sparse_expansion_plugin.pruning.sparsegpt import sparsegpt_prune
+    from sparse_expansion_plugin.sparse_expansion.clustering import fit_router, pca_components_for
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 16, 32, generator=gen) + 3 * torch.randn(32, generator=gen) for _ in range(6)]
+    scale, tau = 0.5, 16.0
+    model, _, weights, _ = _fed_modifier(
+        batches, router_fit_tokens=64, soft_hessian_scale=scale, prior_tokens=tau
+    )
+    sample = torch.cat([b.reshape(-1, 32) for b in batches[:2]])
+    fitted = fit_router(sample, 3, pca_components_for(32, 32, None), seed=0, input_norm="l2")
+    assert fitted.kmeans is not None
+
+    def first_second_gap(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        squared = fitted.kmeans.transform(fitted.transform(x).numpy()) ** 2  # scikit-learn's distances
+        order = np.argsort(squared, axis=1)
+        rows = np.arange(len(x))
+        return order[:, 0], order[:, 1], squared[rows, order[:, 1]] - squared[rows, order[:, 0]]
+
+    median_gap = np.median(first_second_gap(sample)[2])
+    tokens = torch.cat([b.reshape(-1, 32) for b in batches]).double()
+    first, second, gap = first_second_gap(tokens.float())
+    share = expit(-gap / (scale * median_gap))
+    assert 0.05 < share.mean() < 0.45  # a real share of the tokens' weight moves, not a no-op
+    x = tokens.numpy()
+    layer_mean = x.T @ x / len(x)
+    mlp = model.model.layers[0].mlp
+    for leaf, weight in weights.items():
+        layer = getattr(mlp, leaf)
+        for k in range(3):
+            w = np.where(first == k, 1 - share, 0.0) + np.where(second == k, share, 0.0)
+            own_mean = (x * w[:, None]).T @ x / w.sum()
+            hessian = (w.sum() * own_mean + tau * layer_mean) / (w.sum() + tau)
+            reference, keep = sparsegpt_prune(weight, torch.from_numpy(hessian).float(), sparsity=0.5)
+            assert torch.equal(layer.expert_keep_mask(k), keep), (leaf, k)
+            torch.testing.assert_close(layer.expert_weight(k), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_hessians_reach_the_down_projection_and_vanish_as_the_scale_shrinks(tiny_dir):
+    """The down projection, routed by the gate/up routing, gets the same soft shares: a vanishing scale
+    (every share 0) gives the hard model's experts in every linear, scale 1 changes every linear's."""
+    hard = compress(tiny_dir, SparseExpansionModifier(num_experts=4, seed=0))
+    vanishing = compress(tiny_dir, SparseExpansionModifier(num_experts=4, seed=0, soft_hessian_scale=1e-30))
+    soft = compress(tiny_dir, SparseExpansionModifier(num_experts=4, seed=0, soft_hessian_scale=1.0))
+    layers = [expanded_linears(m) for m in (hard, vanishing, soft)]
+    assert any(name.endswith("down_proj") for name in layers[0])
+    for name, hard_layer in layers[0].items():
+        near, far = layers[1][name], layers[2][name]
+        # every share is 0: only the Hessians' float summation order and row counts differ
+        torch.testing.assert_close(near.values, hard_layer.values, rtol=1e-3, atol=1e-4)
+        assert torch.equal(near.mask, hard_layer.mask), name
+        assert not torch.equal(far.mask, hard_layer.mask), name
+
+
+def test_soft_hessian_scale_must_be_positive():
+    with pytest.raises(ValueError, match="soft_hessian_scale"):
+        SparseExpansionModifier(soft_hessian_scale=0.0)
