@@ -230,4 +230,6 @@ def test_fixed_mask_is_kept_and_solved_as_column_by_column_obs():
     assert torch.equal(keep, ~pruned)  # the given mask, not the 90% sparsity asked for
     for e in range(3):
         expected = _slow_fixed_mask_obs(weight, hessians[e], pruned[e])
-        torch.testing.assert_close(out[e].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            out[e].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+        )
