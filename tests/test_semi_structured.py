@@ -124,6 +124,33 @@ def test_moving_the_layer_drops_them_and_falls_back_to_packed():
     assert_matches(y.cpu(), reference(layer.cpu(), x, assignment), torch.float16)
 
 
+def test_semi_structured_routing_loop_and_keeping_on_cpu_with_dense_stand_ins():
+    """The semi-structured forward's routing loop (shared with the CPU path), run on CPU with plain
+    dense weights standing in for the semi-structured tensors (torch builds those only on CUDA). The
+    stand-ins are another layer's experts, so the output shows that branch ran: against the per-token
+    float64 reference of that other layer, for every routing shape. A ``.to()`` that changes nothing
+    keeps them; one that casts drops them."""
+    layer = two_four_layer(6, 64, 128, torch.float32)
+    other = two_four_layer(6, 64, 128, torch.float32, seed=1)
+    assert layer.bias is not None and other.bias is not None
+    other.bias.data.copy_(layer.bias)
+    for name, assignment in distributions(6, 96).items():
+        layer.semi_structured_experts = [other.expert_weight(k).clone() for k in range(6)]
+        x = torch.randn(len(assignment), 128)
+        layer.block_routing = Routing.from_assignment(assignment, 6, source=x)
+        try:
+            y = layer(x)
+        finally:
+            layer.block_routing = None
+        assert y.shape == (len(assignment), 64), name
+        assert_matches(y, reference(other, x, assignment), torch.float32)
+    layer.to(torch.float32)
+    layer.to("cpu")
+    assert layer.semi_structured_experts is not None  # nothing moved or cast
+    layer.to(torch.float64)
+    assert layer.semi_structured_experts is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
 def test_speed_benchmark_without_cuda_says_so(capsys):
     with benchmark_module("semi_structured_speed") as bench:

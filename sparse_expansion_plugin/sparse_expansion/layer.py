@@ -35,6 +35,7 @@ and clears it after), so nothing depends on the order in which layers run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -166,10 +167,12 @@ class ExpandedLinear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        placed = (self.values.device, self.values.dtype)
         super()._apply(fn, recurse)
         if self.dense_experts is not None:
             self.dense_experts = fn(self.dense_experts)
-        if self.semi_structured_experts is not None:
+        moved = (self.values.device, self.values.dtype) != placed
+        if self.semi_structured_experts is not None and moved:
             # torch cannot move or cast a semi-structured tensor: drop them, back to the packed forward
             logger.warning(
                 "semi-structured experts dropped on moving or casting the layer; call "
@@ -261,21 +264,32 @@ class ExpandedLinear(nn.Module):
         large fresh allocation is touched per call; 16 experts of 1536 x 576 with 128
         tokens each measured 62-68 ms this way against 90-104 ms unpacking all first.
         """
-        counts = routing.host_counts
-        used = [k for k, c in enumerate(counts) if c]
-        if len(used) == 1:  # every token on one expert (typical while decoding): one plain matmul
-            return flat @ self._host_weight(used[0], None)
         # autograd keeps each matmul's weight for the input's gradient: no shared buffer then
         keeps_weights = torch.is_grad_enabled() and flat.requires_grad
         buffer = None
         if self.dense_experts is None and not keeps_weights:
             buffer = torch.empty(self.out_features, self.in_features, dtype=self.values.dtype)
+        return self._per_used_expert(flat, routing, lambda k, rows: rows @ self._host_weight(k, buffer))
+
+    def _per_used_expert(
+        self, flat: Tensor, routing: Routing, apply: Callable[[int, Tensor], Tensor]
+    ) -> Tensor:
+        """One host read of the counts, then ``apply(k, rows)`` for each used expert's rows, written back in place.
+
+        Shared by the CPU path (dense or unpacked experts) and the semi-structured one: each expert's
+        rows go straight to their tokens' places (no concatenation pass), and when every token is on
+        one expert (typical while decoding) it is one call on the input as it is.
+        """
+        counts = routing.host_counts
+        used = [k for k, c in enumerate(counts) if c]
+        if len(used) == 1:
+            return apply(used[0], flat)
         grouped = routing.grouped(flat)  # gathered once per MLP input, shared by gate and up
         out = flat.new_empty(flat.shape[0], self.out_features)
         start = 0
-        for k in used:  # each expert's rows straight to their tokens' places (no concatenation pass)
+        for k in used:
             rows = slice(start, start + counts[k])
-            out.index_copy_(0, routing.order[rows], grouped[rows] @ self._host_weight(k, buffer))
+            out.index_copy_(0, routing.order[rows], apply(k, grouped[rows]))
             start += counts[k]
         return out
 
@@ -313,24 +327,14 @@ class ExpandedLinear(nn.Module):
             return self._scatter_back(grouped_matmul(grouped, weights, routing), routing)
         return self._scatter_back(padded_matmul(grouped, weights, routing), routing)
 
-    @staticmethod
-    def _forward_semi_structured(flat: Tensor, routing: Routing, experts: list[Tensor]) -> Tensor:
-        """One host read of the counts, then each used expert's tokens times its semi-structured weight.
+    def _forward_semi_structured(self, flat: Tensor, routing: Routing, experts: list[Tensor]) -> Tensor:
+        """Each used expert's tokens times its semi-structured weight (one host read of the counts).
 
         Why not grouped GEMM: torch has no grouped kernel for semi-structured
         operands, so the used experts run one sparse matmul each (torch pads each
         group's rows to the kernel's minimum).
         """
-        counts = routing.host_counts
-        grouped = routing.grouped(flat)
-        out = flat.new_empty(flat.shape[0], experts[0].shape[0])
-        start = 0
-        for k, count in enumerate(counts):
-            if count:
-                rows = slice(start, start + count)
-                out.index_copy_(0, routing.order[rows], F.linear(grouped[rows], experts[k]))
-                start += count
-        return out
+        return self._per_used_expert(flat, routing, lambda k, rows: F.linear(rows, experts[k]))
 
     def store_semi_structured(self, enable: bool = True) -> int:
         """Keep every expert as a semi-structured sparse tensor (2:4 experts, CUDA); returns their bytes.
