@@ -187,7 +187,7 @@ class SparseExpansionModifier(SparsityModifierBase):
         border tokens are evidence for both neighbours. Measured on SmolLM2 (README): block by block
         +4.5 / +2.3 / 0 points of error closed at 16k / 32k / 131k calibration tokens (0.5 best of
         0.125-2); on the full model at 16k, 3 seeds, it closed +5 / +3 / 0 / +3 points more of the gap
-        (Python docs and Jargon File at 512 and 2048 tokens), at 32k (1 seed) -5 / +2 / -4 / +4: so
+        (Python docs and Jargon File at 512 and 2048 tokens), at 32k (3 seeds) 0 / +1 / 0 / +1: so
         off by default, on in the demo (16k). Costs a second Hessian update per token (about 1.1x
         the compression time at 16k)
     :param block_size: SparseGPT column block size
