@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,7 +25,8 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def test_demo_writes_table_models_and_plots(tiny_model_dir, tmp_path, capsys):
+def test_demo_writes_table_models_and_plots(tiny_model_dir, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="sparse_expansion_plugin.sparse_expansion.modifier")
     out = tmp_path / "demo"
     config = DemoConfig(
         model=str(tiny_model_dir),
@@ -72,6 +74,10 @@ def test_demo_writes_table_models_and_plots(tiny_model_dir, tmp_path, capsys):
     assert 0.5 < sgpt_bytes / dense_bytes < 0.56
     assert 1.0 < se_bytes / dense_bytes < 1.2
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    # The demo's Sparse Expansion runs with the soft Hessians the README says it uses (scale 0.5),
+    # once per MLP block (one router per block), as the modifier's own log line reports.
+    soft = [r.getMessage() for r in caplog.records if "soft Hessians, median score gap" in r.getMessage()]
+    assert len(soft) == layers and all(m.endswith("scale 0.5") for m in soft)
 
 
 def test_demo_refuses_existing_output(tiny_model_dir, tmp_path):
