@@ -39,9 +39,8 @@ DEMO_SE_OPTIONS: dict[str, Any] = {"soft_hessian_scale": 0.5}
 """SparseExpansionModifier fields the demo sets beyond K and sparsity (chosen by measurement, README).
 
 Why soft Hessians here and not in the modifier's defaults: they stand in for calibration text where
-text is short. At the demo's 32x512 tokens, 3 seeds on the full model closed +35% / +28% / +33% / +28%
-of the gap (python_docs and jargon_file at 512 and 2048) against +30% / +25% / +33% / +25% without;
-at 32k tokens they were a wash (3 seeds), and block by block they gained nothing at 131k.
+text is short. At the demo's 32x512 tokens they closed more of the gap on average over 3 seeds; at
+64x512 they were a wash (README, "Soft Hessians in the modifier, on the full model", has the table).
 """
 
 
