@@ -1,0 +1,161 @@
+"""Sparse Expansion's measured gap closed at a glance: one table from the committed raw outputs.
+
+The sweep's results are spread over many runs (each new row was run with ``--resume`` on a copy of
+the rows it is compared with, one job at a time), so the README's detailed tables are per run. This
+script reads those raw JSON files through an explicit manifest below and prints, for every variant
+and calibration size, the gap closed averaged over seeds and the four evaluation columns (two texts,
+scored at 512 and 2,048 tokens per window), with the lowest and highest single seed and column. Each
+gap is taken inside its own file, against that file's dense row and its SparseGPT row (SparseGPT 2:4
+for a 2:4 variant), as ``quality_summary.py`` does. Why a manifest and not a glob: some files hold
+rows of an older default (``prior_tokens: 1024`` before 2026-12-01) under the same variant name, so
+which file stands for which cell is a choice, written down here once.
+
+    python benchmarks/quality_overview.py            # markdown table
+    python benchmarks/quality_overview.py --per-seed # one line per seed and cell as well
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from quality_summary import gap_closed, reference_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SIZES = {"32k": 64, "131k": 256, "262k": 512}
+"""Column label -> ``--calibration-samples`` (windows of 512 tokens)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One seed's row: a raw output file (relative to ``benchmarks/results``) and the row's variant."""
+
+    path: str
+    variant: str
+
+
+def seeds(pattern: str, variant: str) -> list[Source]:
+    """Seeds 0, 1 and 2 of ``pattern`` (``{s}`` stands for the seed)."""
+    return [Source(pattern.format(s=s), variant) for s in (0, 1, 2)]
+
+
+# (label, size) -> sources. Labels are what the README's tables call the rows.
+MANIFEST: dict[tuple[str, str], list[Source]] = {
+    # 50% unstructured
+    ("Wanda 50%", "32k"): seeds("2026-11-30/sweep/u50_64x512_seed{s}.json", "wanda"),
+    ("Wanda 50%", "131k"): seeds("2026-12-05/controls_131k/ctl_256x512_seed{s}.json", "wanda"),
+    ("Wanda 50%", "262k"): seeds("2026-12-05/controls_262k/wk1_512x512_seed{s}.json", "wanda"),
+    ("K = 1", "32k"): [Source("2026-11-30/sweep/u50_64x512_seed0.json", "se:1")]
+    + seeds("2026-12-01/sweep/k1_64x512_seed{s}.json", "se:1")[1:],
+    ("K = 1", "131k"): seeds("2026-12-05/controls_131k/k1_256x512_seed{s}.json", "se:1"),
+    ("K = 1", "262k"): seeds("2026-12-05/controls_262k/wk1_512x512_seed{s}.json", "se:1"),
+    ("K = 4", "32k"): seeds("2026-12-01/sweep/prior64_k4_64x512_seed{s}.json", "se:4"),
+    ("K = 4", "131k"): seeds("2026-12-05/k4_131k/k4_256x512_seed{s}.json", "se:4"),
+    ("K = 4", "262k"): seeds("2026-12-05/k4_262k/k4_512x512_seed{s}.json", "se:4"),
+    ("K = 16 (default)", "32k"): seeds(
+        "2026-12-01/sweep/levers_64x512_seed{s}.json", "se:16+prior_tokens=64"
+    ),
+    ("K = 16 (default)", "131k"): seeds("2026-12-01/sweep/prior64_256x512_seed{s}.json", "se:16"),
+    ("K = 16 (default)", "262k"): seeds("2026-12-01/sweep/prior64_512x512_seed{s}.json", "se:16"),
+    ("K = 64", "131k"): seeds("2026-12-03/k64/k64_256x512_seed{s}.json", "se:64")[:2]
+    + [Source("2026-12-05/k64_131k/k64_256x512_seed2.json", "se:64")],
+    ("K = 64", "262k"): seeds("2026-12-05/k64_262k/k64_512x512_seed{s}.json", "se:64"),
+    ("control: K = 16 experts, random routing", "32k"): seeds(
+        "2026-12-01/sweep/prior64_random_64x512_seed{s}.json", "random:16"
+    ),
+    ("control: K = 16 experts, random routing", "131k"): seeds(
+        "2026-12-05/controls_131k/ctl_256x512_seed{s}.json", "random:16"
+    ),
+    ("control: K = 16 experts, random routing", "262k"): seeds(
+        "2026-12-05/random_262k/random_512x512_seed{s}.json", "random:16"
+    ),
+    # 2:4, against SparseGPT 2:4
+    ("Wanda 2:4", "32k"): [Source("2026-11-30/sweep/u50_64x512_seed0.json", "wanda-2:4")]
+    + seeds("2026-12-01/sweep/wanda2of4_64x512_seed{s}.json", "wanda-2:4")[1:],
+    ("Wanda 2:4", "131k"): seeds("2026-12-05/wanda_2of4_131k/wanda2of4_256x512_seed{s}.json", "wanda-2:4"),
+    ("Wanda 2:4", "262k"): seeds("2026-12-06/wanda_2of4_262k/wanda2of4_512x512_seed{s}.json", "wanda-2:4"),
+    ("K = 1, 2:4", "32k"): seeds("2026-12-06/k_order_2of4_32k/k124_2of4_64x512_seed{s}.json", "se:1:2:4"),
+    ("K = 1, 2:4", "131k"): seeds("2026-12-06/k_order_2of4_131k/k1_2of4_256x512_seed{s}.json", "se:1:2:4"),
+    ("K = 1, 2:4", "262k"): seeds("2026-12-06/k_order_2of4_262k/k14_2of4_512x512_seed{s}.json", "se:1:2:4"),
+    ("K = 4, 2:4", "32k"): seeds("2026-12-06/k_order_2of4_32k/k124_2of4_64x512_seed{s}.json", "se:4:2:4"),
+    ("K = 4, 2:4", "131k"): seeds("2026-12-06/k_order_2of4_131k/k4_2of4_256x512_seed{s}.json", "se:4:2:4"),
+    ("K = 4, 2:4", "262k"): seeds("2026-12-06/k_order_2of4_262k/k14_2of4_512x512_seed{s}.json", "se:4:2:4"),
+    ("K = 16, 2:4", "32k"): seeds("2026-12-01/sweep/prior64_2of4_64x512_seed{s}.json", "se:16:2:4"),
+    ("K = 16, 2:4", "131k"): seeds("2026-12-05/two_four_131k/u24_256x512_seed{s}.json", "se:16:2:4"),
+    ("K = 16, 2:4", "262k"): seeds("2026-12-05/two_four_262k/u24_512x512_seed{s}.json", "se:16:2:4"),
+    ("K = 64, 2:4", "131k"): seeds("2026-12-06/k64_2of4_131k/k64_2of4_256x512_seed{s}.json", "se:64:2:4"),
+    ("K = 64, 2:4", "262k"): [Source("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed0.json", "se:64:2:4")],
+}
+
+
+def seed_gaps(source: Source, calibration_samples: int) -> tuple[str, list[float]] | None:
+    """``(seed, gap closed per evaluation column)`` of one row, or None while its file lacks the row.
+
+    Checks that the file was run with the setup every cell shares, so a wrong manifest entry fails
+    loudly instead of mixing settings.
+    """
+    path = RESULTS / source.path
+    if not path.exists():  # a run still under way
+        return None
+    run = json.loads(path.read_text())
+    args = run["args"]
+    expected = {
+        "calibration_samples": str(calibration_samples),
+        "seq_len": "512",
+        "eval_tokens": "8192",
+        "eval_seq_lens": "[512, 2048]",
+        "sparsity": "0.5",
+    }
+    wrong = {key: args.get(key) for key, value in expected.items() if str(args.get(key)) != value}
+    if wrong:
+        raise SystemExit(f"{source.path}: expected {expected}, found {wrong}; fix the manifest entry")
+    rows = {r["variant"]: r["ppl_by_text"] for r in run["results"] if "ppl_by_text" in r}
+    if source.variant not in rows:
+        return None
+    dense, reference = rows["dense"], rows[reference_name(source.variant)]
+    return str(args["seed"]), [gap_closed(rows[source.variant], dense, reference, text) for text in dense]
+
+
+def cell(gaps: list[list[float]]) -> str:
+    """``mean% (lowest to highest)`` over seeds and columns, with the number of seeds."""
+    flat = [g for seed in gaps for g in seed]
+    return (
+        f"{statistics.mean(flat):+.0%} ({min(flat):+.0%} to {max(flat):+.0%}), {len(gaps)} seed"
+        + ("s" if len(gaps) > 1 else "")
+    ).replace("-", "−")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-seed", action="store_true", help="also print every seed's four columns")
+    args = parser.parse_args(argv)
+    labels = list(dict.fromkeys(label for label, _ in MANIFEST))
+    print(
+        "Gap closed in log perplexity, mean over seeds and the four evaluation columns (lowest to highest "
+        "single seed and column); 50% rows against SparseGPT 50%, 2:4 rows against SparseGPT 2:4\n"
+    )
+    print("| variant | " + " | ".join(f"{size} tokens" for size in SIZES) + " |")
+    print("|---|" + "---|" * len(SIZES))
+    details: list[str] = []
+    for label in labels:
+        cells = []
+        for size, samples in SIZES.items():
+            measured = [g for source in MANIFEST.get((label, size), []) if (g := seed_gaps(source, samples))]
+            cells.append(cell([gaps for _, gaps in measured]) if measured else "not run")
+            details += [
+                f"{label} @ {size} seed {seed}: " + " / ".join(f"{g:+.1%}" for g in gaps)
+                for seed, gaps in measured
+            ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.per_seed:
+        print("\nPer seed (Python docs @512 / Jargon File @512 / Python docs @2048 / Jargon File @2048):")
+        print("\n".join(details))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
