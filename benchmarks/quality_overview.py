@@ -92,8 +92,12 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
 }
 
 
-def seed_gaps(source: Source, calibration_samples: int) -> tuple[str, list[float]] | None:
-    """``(seed, gap closed per evaluation column)`` of one row, or None while its file lacks the row.
+TEXTS = {"python_docs": "Python docs", "jargon_file": "Jargon File"}
+"""Evaluation text key (before ``@length``) -> name in the tables."""
+
+
+def seed_gaps(source: Source, calibration_samples: int) -> tuple[str, dict[str, float]] | None:
+    """``(seed, {evaluation column: gap closed})`` of one row, or None while its file lacks the row.
 
     Checks that the file was run with the setup every cell shares, so a wrong manifest entry fails
     loudly instead of mixing settings.
@@ -117,16 +121,22 @@ def seed_gaps(source: Source, calibration_samples: int) -> tuple[str, list[float
     if source.variant not in rows:
         return None
     dense, reference = rows["dense"], rows[reference_name(source.variant)]
-    return str(args["seed"]), [gap_closed(rows[source.variant], dense, reference, text) for text in dense]
+    return str(args["seed"]), {
+        column: gap_closed(rows[source.variant], dense, reference, column) for column in dense
+    }
 
 
-def cell(gaps: list[list[float]]) -> str:
-    """``mean% (lowest to highest)`` over seeds and columns, with the number of seeds."""
-    flat = [g for seed in gaps for g in seed]
-    return (
-        f"{statistics.mean(flat):+.0%} ({min(flat):+.0%} to {max(flat):+.0%}), {len(gaps)} seed"
-        + ("s" if len(gaps) > 1 else "")
-    ).replace("-", "−")
+def spread(gaps: list[float]) -> str:
+    """``mean% (lowest to highest)``, with true minus signs."""
+    return f"{statistics.mean(gaps):+.0%} ({min(gaps):+.0%} to {max(gaps):+.0%})".replace("-", "−")
+
+
+def measured_cells(label: str) -> list[list[tuple[str, dict[str, float]]]]:
+    """Per calibration size, the ``(seed, gaps)`` measured for ``label`` (empty where not run)."""
+    return [
+        [g for source in MANIFEST.get((label, size), []) if (g := seed_gaps(source, samples))]
+        for size, samples in SIZES.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,26 +144,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-seed", action="store_true", help="also print every seed's four columns")
     args = parser.parse_args(argv)
     labels = list(dict.fromkeys(label for label, _ in MANIFEST))
+    cells = {label: measured_cells(label) for label in labels}
+    header = (
+        "| variant | " + " | ".join(f"{size} tokens" for size in SIZES) + " |\n|---|" + "---|" * len(SIZES)
+    )
     print(
         "Gap closed in log perplexity, mean over seeds and the four evaluation columns (lowest to highest "
-        "single seed and column); 50% rows against SparseGPT 50%, 2:4 rows against SparseGPT 2:4\n"
+        "single seed and column), and number of seeds; 50% rows against SparseGPT 50%, 2:4 rows against "
+        "SparseGPT 2:4\n"
     )
-    print("| variant | " + " | ".join(f"{size} tokens" for size in SIZES) + " |")
-    print("|---|" + "---|" * len(SIZES))
-    details: list[str] = []
+    print(header)
     for label in labels:
-        cells = []
-        for size, samples in SIZES.items():
-            measured = [g for source in MANIFEST.get((label, size), []) if (g := seed_gaps(source, samples))]
-            cells.append(cell([gaps for _, gaps in measured]) if measured else "not run")
-            details += [
-                f"{label} @ {size} seed {seed}: " + " / ".join(f"{g:+.1%}" for g in gaps)
-                for seed, gaps in measured
-            ]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+        shown = [
+            f"{spread([g for _, gaps in m for g in gaps.values()])}, {len(m)} seed{'s' if len(m) > 1 else ''}"
+            if m
+            else "not run"
+            for m in cells[label]
+        ]
+        print(f"| {label} | " + " | ".join(shown) + " |")
+    print(
+        "\nThe same per text (the issue's goal is per text): mean over seeds and both window lengths "
+        "(lowest to highest single seed and length)\n"
+    )
+    print(header)
+    for label in labels:
+        shown = [
+            "; ".join(
+                f"{name} {spread([g for _, gaps in m for c, g in gaps.items() if c.split('@')[0] == key])}"
+                for key, name in TEXTS.items()
+            )
+            if m
+            else "not run"
+            for m in cells[label]
+        ]
+        print(f"| {label} | " + " | ".join(shown) + " |")
     if args.per_seed:
         print("\nPer seed (Python docs @512 / Jargon File @512 / Python docs @2048 / Jargon File @2048):")
-        print("\n".join(details))
+        for label in labels:
+            for size, m in zip(SIZES, cells[label], strict=True):
+                for seed, gaps in m:
+                    print(f"{label} @ {size} seed {seed}: " + " / ".join(f"{g:+.1%}" for g in gaps.values()))
     return 0
 
 
