@@ -126,9 +126,15 @@ def seed_gaps(source: Source, calibration_samples: int) -> tuple[str, dict[str, 
     }
 
 
+def percent(value: float) -> str:
+    """``+41%`` / ``−57%`` (a true minus sign), and ``0%`` for what rounds to zero either side."""
+    shown = f"{value:+.0%}"
+    return "0%" if shown in ("+0%", "-0%") else shown.replace("-", "−")
+
+
 def spread(gaps: list[float]) -> str:
-    """``mean% (lowest to highest)``, with true minus signs."""
-    return f"{statistics.mean(gaps):+.0%} ({min(gaps):+.0%} to {max(gaps):+.0%})".replace("-", "−")
+    """``mean% (lowest to highest)``."""
+    return f"{percent(statistics.mean(gaps))} ({percent(min(gaps))} to {percent(max(gaps))})"
 
 
 def measured_cells(label: str) -> list[list[tuple[str, dict[str, float]]]]:
