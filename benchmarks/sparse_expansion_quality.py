@@ -74,6 +74,35 @@ def seeded_calibration(tokenizer: Any, num_samples: int, seq_len: int, seed: int
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len for _ in ids]})
 
 
+# Arguments that may differ between a run and the one it resumes: they choose which rows run and where
+# they go, not what any row measures.
+RESUME_FREE_ARGS = frozenset({"variants", "output", "resume"})
+
+
+def rows_to_resume(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The rows already in ``output``, if it was written with the same measuring arguments as ``args``.
+
+    Resuming a file written with another seed, calibration size or evaluation setup would put rows that
+    measured different things into one table, and nothing downstream could tell; so refuse, and say
+    which argument differs.
+    """
+    stored = json.loads(output.read_text())
+    differ = {
+        key: (stored["args"].get(key, "<absent>"), str(value))
+        for key, value in vars(args).items()
+        if key not in RESUME_FREE_ARGS and stored["args"].get(key) != str(value)
+    }
+    if differ:
+        listed = "; ".join(
+            f"--{k.replace('_', '-')}: file {old}, now {new}" for k, (old, new) in differ.items()
+        )
+        raise SystemExit(
+            f"--resume: {output} was written with other arguments ({listed}). Rerun with the file's "
+            "arguments, or write to another --output."
+        )
+    return list(stored["results"])
+
+
 def parse_value(text: str) -> Any:
     for cast in (int, float):
         try:
@@ -152,7 +181,8 @@ def wd_within_clusters(
     return summary, rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; separate from ``main`` so that the resume check can be tested without a model."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calibration-samples", type=int, default=64)
@@ -178,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the rows already in --output (same arguments) and run only the variants missing there",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results: list[dict[str, Any]] = []
+    if args.resume and args.output and args.output.exists():  # checked first: a mismatch fails in seconds
+        results = rows_to_resume(args.output, args)
+        logger.info("resuming: %s already measured", [r["variant"] for r in results])
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
@@ -199,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = seeded_calibration(
         tokenizer, args.calibration_samples, args.seq_len, args.seed, args.calibration_draw
     )
-    results: list[dict[str, Any]] = []
     expanded: dict[int, torch.nn.Module] = {}
-    if args.resume and args.output and args.output.exists():
-        results = json.loads(args.output.read_text())["results"]
-        logger.info("resuming: %s already measured", [r["variant"] for r in results])
 
     def compress(modifier: Any) -> tuple[torch.nn.Module, float]:
         """A fresh copy of the model compressed by ``modifier``: every variant sees the same windows."""
@@ -264,14 +298,14 @@ def main(argv: list[str] | None = None) -> int:
             k_text, _, structure = k_text.partition(":")
             k = int(k_text)
             sparsity = float(sparsity_text) if sparsity_text else args.sparsity
-            modifier = SparseExpansionModifier(
+            se_modifier = SparseExpansionModifier(
                 num_experts=k,
                 sparsity=sparsity,
                 mask_structure=structure or "0:0",
                 seed=args.seed,
                 **variant_options,
             )
-            model, seconds = compress(modifier)
+            model, seconds = compress(se_modifier)
             cost = expansion_cost(model).as_dict()
             record(
                 variant,
@@ -279,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds,
                 cost=cost,
                 options=variant_options,
-                clusters=modifier.cluster_summary(),
+                clusters=se_modifier.cluster_summary(),
             )
             if not structure and not sparsity_text and not extras:
                 expanded[k] = model
@@ -340,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                 closed = f"{(math.log(reference[source]) - math.log(value)) / gap:+.0%}"
             cells.append(f"{value:.3f} | {closed}")
         size = f"{r['cost']['expanded_bytes'] / r['cost']['dense_bytes']:.2f}" if "cost" in r else ""
-        seconds = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
-        print(f"| {r['variant']} | {' | '.join(cells)} | {size} | {seconds} |")
+        seconds_text = f"{r['compress_s']:.0f}" if r.get("compress_s") else ""
+        print(f"| {r['variant']} | {' | '.join(cells)} | {size} | {seconds_text} |")
         if r.get("clusters"):
             print(f"|   clusters: {r['clusters']} |")
     for r in results:

@@ -1,0 +1,82 @@
+"""``benchmarks/sparse_expansion_quality.py --resume``: rows are kept only from a file written with the
+same measuring arguments, so one table never mixes seeds, calibration sizes or evaluation setups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def quality():
+    with benchmark_module("sparse_expansion_quality") as module:
+        yield module
+
+
+def written_by(quality, argv: list[str], path: Path, rows: list[dict]) -> None:
+    """A results file as the script saves it (its ``save``: every argument as ``str``)."""
+    args = parse(quality, argv + ["--output", str(path)])
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows}))
+
+
+def parse(quality, argv: list[str]):
+    return quality.build_parser().parse_args(argv)
+
+
+BASE = ["--calibration-samples", "128", "--seq-len", "2048", "--eval-seq-lens", "512", "2048", "--seed", "0"]
+ROWS = [{"variant": "dense", "ppl": 1.0}, {"variant": "sparsegpt", "ppl": 2.0}]
+
+
+def test_same_arguments_keep_every_row_even_with_other_variants(quality, tmp_path):
+    out = tmp_path / "run.json"
+    written_by(quality, BASE + ["--variants", "dense", "sparsegpt"], out, ROWS)
+    now = parse(
+        quality, BASE + ["--variants", "dense", "sparsegpt", "se:16", "--output", str(out), "--resume"]
+    )
+    assert quality.rows_to_resume(out, now) == ROWS
+
+
+@pytest.mark.parametrize(
+    ("changed", "flag"),
+    [
+        (["--seed", "1"], "--seed"),
+        (["--calibration-samples", "512", "--seq-len", "512"], "--calibration-samples"),
+        (["--eval-seq-lens", "512"], "--eval-seq-lens"),
+        (["--sparsity", "0.6"], "--sparsity"),
+        (["--se-options", "prior_tokens=1024"], "--se-options"),
+    ],
+)
+def test_other_measuring_arguments_are_refused_by_name(quality, tmp_path, changed, flag):
+    out = tmp_path / "run.json"
+    written_by(quality, BASE, out, ROWS)
+    now = parse(quality, BASE + changed + ["--output", str(out), "--resume"])
+    with pytest.raises(SystemExit, match=flag) as refused:
+        quality.rows_to_resume(out, now)
+    assert "another --output" in str(refused.value)
+    assert json.loads(out.read_text())["results"] == ROWS  # the file is left as it was
+
+
+def test_a_file_without_an_argument_the_script_now_records_is_refused(quality, tmp_path):
+    out = tmp_path / "old.json"
+    written_by(quality, BASE, out, ROWS)
+    stored = json.loads(out.read_text())
+    del stored["args"]["calibration_draw"]  # as files written before the option existed
+    out.write_text(json.dumps(stored))
+    now = parse(quality, BASE + ["--output", str(out), "--resume"])
+    with pytest.raises(SystemExit, match="--calibration-draw: file <absent>, now random"):
+        quality.rows_to_resume(out, now)
+
+
+def test_main_refuses_before_loading_a_model(quality, tmp_path, monkeypatch):
+    out = tmp_path / "run.json"
+    written_by(quality, BASE, out, ROWS)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(quality, "load_model_and_tokenizer", no_model)
+    with pytest.raises(SystemExit, match="--seed: file 0, now 2"):
+        quality.main(BASE[:-1] + ["2", "--output", str(out), "--resume"])
