@@ -88,7 +88,7 @@ def main() -> None:
     print()
     print(f"model {args.model}: {len(targets)} gate projections of {scores[targets[0]].numel()} neurons")
     print(f"WD from {args.calibration_windows}x{args.seq_len} calibration tokens in {wd_seconds:.0f} s; "
-          f"max WD {max(max_wd.values()):.3f} (layer {max(max_wd, key=max_wd.get)})")  # fmt: skip
+          f"max WD {max(max_wd.values()):.3f} (layer {max(max_wd, key=max_wd.__getitem__)})")  # fmt: skip
     print(f"perplexity on {args.eval_windows}x{args.seq_len} evaluation tokens (python_docs + jargon_file)")
     print(merged.markdown())
     per_eval = ablated_seconds / evaluations
@@ -111,7 +111,7 @@ def main() -> None:
         (args.output_dir / "negative_computation.json").write_text(json.dumps(summary, indent=2))
         plot_ablation_curves(merged, args.output_dir / "negative_computation.png", title=args.model)
         # Pre/post-activation histograms of the top WD neurons: the layer holding the largest WD, and layer 1.
-        for layer in sorted({max(max_wd, key=max_wd.get), min(1, len(targets) - 1)}):
+        for layer in sorted({max(max_wd, key=max_wd.__getitem__), min(1, len(targets) - 1)}):
             name = targets[layer]
             top = torch.sort(scores[name], descending=True, stable=True).indices[:6]
             pre, post = pre_post_activations(model, calibration[:4], name, top, args.batch_size)

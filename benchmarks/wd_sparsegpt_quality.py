@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import sys
+from typing import Any, cast
 
 import torch
 
@@ -53,16 +54,18 @@ def build_modifier(variant: str, strength: float, max_layer_shift: float):
     if variant == "dense":
         return None
     kind, _, level = variant.partition("@")
-    structure = {"mask_structure": level, "sparsity": 0.5} if ":" in level else {"sparsity": float(level)}
-    common = {"targets": ["Linear"], "ignore": ["re:.*lm_head"], **structure}
+    structure: dict[str, Any] = (
+        {"mask_structure": level, "sparsity": 0.5} if ":" in level else {"sparsity": float(level)}
+    )
+    common: dict[str, Any] = {"targets": ["Linear"], "ignore": ["re:.*lm_head"], **structure}
     if kind == "stock":
         return SparseGPTModifier(**common)
     score, _, mode = kind.partition("-")
     return WassersteinSparseGPTModifier(
         **common,
         wd_strength=strength,
-        score=score,
-        allocation=mode or "rows",
+        score=cast(Any, score),  # validated by the modifier's pydantic Literal field
+        allocation=cast(Any, mode or "rows"),
         max_layer_shift=max_layer_shift,
     )
 
