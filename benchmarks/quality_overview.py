@@ -88,7 +88,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ("K = 16, 2:4", "131k"): seeds("2026-12-05/two_four_131k/u24_256x512_seed{s}.json", "se:16:2:4"),
     ("K = 16, 2:4", "262k"): seeds("2026-12-05/two_four_262k/u24_512x512_seed{s}.json", "se:16:2:4"),
     ("K = 64, 2:4", "131k"): seeds("2026-12-06/k64_2of4_131k/k64_2of4_256x512_seed{s}.json", "se:64:2:4"),
-    ("K = 64, 2:4", "262k"): seeds("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed{s}.json", "se:64:2:4")[:2],
+    ("K = 64, 2:4", "262k"): seeds("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed{s}.json", "se:64:2:4"),
 }
 
 
