@@ -103,6 +103,35 @@ def rows_to_resume(output: Path, args: argparse.Namespace) -> list[dict[str, Any
     return list(stored["results"])
 
 
+REUSING_KINDS = ("random", "time", "wd")
+"""Variant kinds that reuse the model of an earlier ``se:K`` row instead of compressing their own."""
+
+
+def experts_reused(variants: list[str]) -> set[int]:
+    """The K of every ``se:K`` model a later variant (``random:K``, ``time:K``, ``wd:K``) reuses.
+
+    Only those models are kept after their row (the others are released, :func:`release_weights`):
+    an expanded model is large (SmolLM2 at K = 64 holds about 11 GB of experts), and two of them ran a
+    23 GiB machine out of memory (``se:64 se:64:2:4`` in one run).
+    """
+    return {int(v.partition(":")[2]) for v in variants if v.partition(":")[0] in REUSING_KINDS}
+
+
+def release_weights(model: torch.nn.Module) -> None:
+    """Free a compressed model's weights now, whoever still holds the module.
+
+    ``del model`` is not enough: llm-compressor's sequential pipeline compiles an autowrapped forward
+    whose namespace holds the model and registers it with ``torch.fx.wrap``, whose module-level
+    registry lives as long as the process. So every model ``oneshot`` compressed would stay in memory
+    until the run ends. Moving the module to the meta device drops its parameters and buffers in place;
+    the leaked module is then an empty shell. ``oneshot`` leaves compressed-tensors' offload caches on
+    the modules it dispatched (they would copy the meta tensors back into the cache), so those go first.
+    """
+    from compressed_tensors.offload.dispatch import remove_dispatch
+
+    remove_dispatch(model).to("meta")
+
+
 def parse_value(text: str) -> Any:
     for cast in (int, float):
         try:
@@ -238,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, args.calibration_samples, args.seq_len, args.seed, args.calibration_draw
     )
     expanded: dict[int, torch.nn.Module] = {}
+    reused = experts_reused(args.variants)
 
     def compress(modifier: Any) -> tuple[torch.nn.Module, float]:
         """A fresh copy of the model compressed by ``modifier``: every variant sees the same windows."""
@@ -292,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             modifier = method(sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS)
             model, seconds = compress(modifier)
             record(variant, model, seconds)
+            release_weights(model)
             del model
         elif kind == "se":
             k_text, _, sparsity_text = spec.partition("@")
@@ -315,14 +346,16 @@ def main(argv: list[str] | None = None) -> int:
                 options=variant_options,
                 clusters=se_modifier.cluster_summary(),
             )
-            if not structure and not sparsity_text and not extras:
+            if k in reused and not structure and not sparsity_text and not extras:
                 expanded[k] = model
+            else:
+                release_weights(model)
             del model
         elif kind == "random":
             model = expanded[int(spec)]
             randomize_routing(model, args.seed)  # run wd:K before this: it uses the routers
             record(variant, model, None)
-            del expanded[int(spec)]
+            release_weights(expanded.pop(int(spec)))
         elif kind == "time":
             from sparse_expansion_plugin.sparse_expansion.layer import materialize_experts
 
