@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from _common import median_forward_seconds, peak_rss_gib
 
-from sparse_expansion_plugin.compression import run_oneshot
+from sparse_expansion_plugin.compression import release_weights, run_oneshot
 from sparse_expansion_plugin.data.calibration import calibration_dataset
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
@@ -110,26 +110,11 @@ REUSING_KINDS = ("random", "time", "wd")
 def experts_reused(variants: list[str]) -> set[int]:
     """The K of every ``se:K`` model a later variant (``random:K``, ``time:K``, ``wd:K``) reuses.
 
-    Only those models are kept after their row (the others are released, :func:`release_weights`):
+    Only those models are kept after their row (the others are freed by ``release_weights``):
     an expanded model is large (SmolLM2 at K = 64 holds about 11 GB of experts), and two of them ran a
     23 GiB machine out of memory (``se:64 se:64:2:4`` in one run).
     """
     return {int(v.partition(":")[2]) for v in variants if v.partition(":")[0] in REUSING_KINDS}
-
-
-def release_weights(model: torch.nn.Module) -> None:
-    """Free a compressed model's weights now, whoever still holds the module.
-
-    ``del model`` is not enough: llm-compressor's sequential pipeline compiles an autowrapped forward
-    whose namespace holds the model and registers it with ``torch.fx.wrap``, whose module-level
-    registry lives as long as the process. So every model ``oneshot`` compressed would stay in memory
-    until the run ends. Moving the module to the meta device drops its parameters and buffers in place;
-    the leaked module is then an empty shell. ``oneshot`` leaves compressed-tensors' offload caches on
-    the modules it dispatched (they would copy the meta tensors back into the cache), so those go first.
-    """
-    from compressed_tensors.offload.dispatch import remove_dispatch
-
-    remove_dispatch(model).to("meta")
 
 
 def parse_value(text: str) -> Any:

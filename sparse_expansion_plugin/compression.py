@@ -61,3 +61,21 @@ def run_oneshot(
         max_seq_length=seq_len,
     )
     return time.perf_counter() - start
+
+
+def release_weights(model: torch.nn.Module) -> None:
+    """Free a model's weights in place, after ``oneshot`` compressed it and it has been used.
+
+    ``del model`` does not free it: llm-compressor's sequential pipeline compiles an autowrapped
+    forward whose namespace holds the model and registers it through ``torch.fx.wrap``, whose
+    module-level registry lives as long as the process (llm-compressor 0.14, torch 2.13). So every
+    model compressed in one process (the demo's SparseGPT and Sparse Expansion, the benchmarks'
+    variants) would stay in memory until the process ends; two SmolLM2 models with 64 experts each ran
+    a 23 GiB machine out of memory. Moving the module to the meta device drops its parameters and
+    buffers, whoever still holds the module. ``oneshot`` leaves compressed-tensors' offload caches on
+    the modules it dispatched, which would copy the meta tensors back into the cache, so they go first.
+    The model is unusable afterwards.
+    """
+    from compressed_tensors.offload.dispatch import remove_dispatch
+
+    remove_dispatch(model).to("meta")

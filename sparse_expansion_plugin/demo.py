@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from sparse_expansion_plugin.analysis.analyze import AnalysisConfig, analyze_model
-from sparse_expansion_plugin.compression import run_oneshot
+from sparse_expansion_plugin.compression import release_weights, run_oneshot
 from sparse_expansion_plugin.data.locations import checked_model_location
 from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
@@ -155,6 +155,7 @@ def run_demo(
         )
         type(model).save_pretrained(model, tmp / "sparsegpt")
         tokenizer.save_pretrained(tmp / "sparsegpt")
+        release_weights(model)  # ``del`` alone would leave it in memory next to the expanded model
         del model
 
         logger.info(

@@ -7,7 +7,9 @@ one sequence at a time (batching and padding must not change a token's output).
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -540,3 +542,23 @@ def test_soft_hessians_reach_the_down_projection_and_vanish_as_the_scale_shrinks
 def test_soft_hessian_scale_must_be_positive():
     with pytest.raises(ValueError, match="soft_hessian_scale"):
         SparseExpansionModifier(soft_hessian_scale=0.0)
+
+
+def test_release_weights_frees_an_expanded_model_whoever_still_holds_it(tiny_dir):
+    """After ``oneshot`` something outside our code keeps every compressed model (llm-compressor's
+    traced forward); ``release_weights`` must leave that reference holding no tensor."""
+    from sparse_expansion_plugin.compression import release_weights
+
+    model = compress(tiny_dir, [SparseExpansionModifier(num_experts=4, sparsity=0.5, seed=0)])
+    experts = list(expanded_linears(model).values())
+    assert experts and all(m.values.device.type == "cpu" for m in experts)
+    held_elsewhere = [model]
+    old_values = [weakref.ref(m.values) for m in experts]
+
+    release_weights(model)
+    gc.collect()
+
+    tensors = list(held_elsewhere[0].parameters()) + list(held_elsewhere[0].buffers())
+    assert tensors and all(t.device == torch.device("meta") for t in tensors)
+    assert all(m.values.device.type == "meta" for m in experts)
+    assert all(ref() is None for ref in old_values)  # no offload cache, hook or modifier kept the data
