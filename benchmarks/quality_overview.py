@@ -61,6 +61,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ),
     ("K = 16 (default)", "131k"): seeds("2026-12-01/sweep/prior64_256x512_seed{s}.json", "se:16"),
     ("K = 16 (default)", "262k"): seeds("2026-12-01/sweep/prior64_512x512_seed{s}.json", "se:16"),
+    ("K = 64", "32k"): seeds("2026-12-06/k64_32k/k64_64x512_seed{s}.json", "se:64"),
     ("K = 64", "131k"): seeds("2026-12-03/k64/k64_256x512_seed{s}.json", "se:64")[:2]
     + [Source("2026-12-05/k64_131k/k64_256x512_seed2.json", "se:64")],
     ("K = 64", "262k"): seeds("2026-12-05/k64_262k/k64_512x512_seed{s}.json", "se:64"),
@@ -87,6 +88,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ("K = 16, 2:4", "32k"): seeds("2026-12-01/sweep/prior64_2of4_64x512_seed{s}.json", "se:16:2:4"),
     ("K = 16, 2:4", "131k"): seeds("2026-12-05/two_four_131k/u24_256x512_seed{s}.json", "se:16:2:4"),
     ("K = 16, 2:4", "262k"): seeds("2026-12-05/two_four_262k/u24_512x512_seed{s}.json", "se:16:2:4"),
+    ("K = 64, 2:4", "32k"): seeds("2026-12-06/k64_32k/k64_64x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "131k"): seeds("2026-12-06/k64_2of4_131k/k64_2of4_256x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "262k"): seeds("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed{s}.json", "se:64:2:4"),
 }
