@@ -79,6 +79,11 @@ def seeded_calibration(tokenizer: Any, num_samples: int, seq_len: int, seed: int
 RESUME_FREE_ARGS = frozenset({"variants", "output", "resume"})
 
 
+def recorded_args(args: argparse.Namespace) -> dict[str, str]:
+    """The arguments as a results file records them (and as ``--resume`` compares them): text."""
+    return {key: str(value) for key, value in vars(args).items()}
+
+
 def rows_to_resume(output: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The rows already in ``output``, if it was written with the same measuring arguments as ``args``.
 
@@ -88,9 +93,9 @@ def rows_to_resume(output: Path, args: argparse.Namespace) -> list[dict[str, Any
     """
     stored = json.loads(output.read_text())
     differ = {
-        key: (stored["args"].get(key, "<absent>"), str(value))
-        for key, value in vars(args).items()
-        if key not in RESUME_FREE_ARGS and stored["args"].get(key) != str(value)
+        key: (stored["args"].get(key, "<absent>"), value)
+        for key, value in recorded_args(args).items()
+        if key not in RESUME_FREE_ARGS and stored["args"].get(key) != value
     }
     if differ:
         listed = "; ".join(
@@ -289,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every variant, so a long run that is cut short keeps what it measured
         if args.output:
-            payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+            payload = {"args": recorded_args(args), "results": results}
             atomic_write_text(args.output, json.dumps(payload, indent=1))
 
     done = {r["variant"] for r in results}

@@ -20,9 +20,9 @@ def quality():
 
 
 def written_by(quality, argv: list[str], path: Path, rows: list[dict]) -> None:
-    """A results file as the script saves it (its ``save``: every argument as ``str``)."""
+    """A results file as the script saves it."""
     args = parse(quality, argv + ["--output", str(path)])
-    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows}))
+    path.write_text(json.dumps({"args": quality.recorded_args(args), "results": rows}))
 
 
 def parse(quality, argv: list[str]):
