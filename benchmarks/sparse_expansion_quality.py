@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +111,114 @@ def rows_to_resume(output: Path, args: argparse.Namespace) -> list[dict[str, Any
 
 REUSING_KINDS = ("random", "time", "wd")
 """Variant kinds that reuse the model of an earlier ``se:K`` row instead of compressing their own."""
+PRUNING_KINDS = ("sparsegpt", "wanda")
 
 
-def experts_reused(variants: list[str]) -> set[int]:
+@dataclass(frozen=True)
+class Variant:
+    """One ``--variants`` entry, parsed once so the checks before the run and the run itself agree.
+
+    ``dense``; ``sparsegpt[-N:M]`` / ``wanda[-N:M]``; ``se:K[:N:M][@S][+field=value...]``;
+    ``random:K`` / ``time:K`` / ``wd:K`` (reuse the model of an earlier plain ``se:K``).
+    """
+
+    name: str
+    kind: str
+    num_experts: int = 0
+    """K of ``se:K`` and of the ``se:K`` a reusing variant needs; 0 for dense and pruning rows."""
+    mask_structure: str = "0:0"
+    sparsity: float | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def reusable(self) -> bool:
+        """A plain ``se:K`` (default structure, sparsity and options): the model ``random:K`` etc. mean."""
+        return (
+            self.kind == "se" and self.mask_structure == "0:0" and self.sparsity is None and not self.options
+        )
+
+
+def parse_variant(name: str) -> Variant:
+    """Parse one variant name; a name the script does not know fails here, before any model is loaded."""
+    try:
+        base, *extras = name.split("+")
+        if base == "dense" and not extras:
+            return Variant(name, "dense")
+        method, dash, structure = base.partition("-")
+        if method in PRUNING_KINDS and not extras and (not dash or _is_structure(structure)):
+            return Variant(name, method, mask_structure=structure or "0:0")
+        kind, _, spec = base.partition(":")
+        if kind in REUSING_KINDS and not extras:
+            return Variant(name, kind, num_experts=_positive_int(spec))
+        if kind == "se":
+            head, _, sparsity_text = spec.partition("@")
+            k_text, _, structure = head.partition(":")
+            if structure and not _is_structure(structure):
+                raise ValueError(structure)
+            options = tuple((k, parse_value(v)) for k, v in (e.split("=", 1) for e in extras))
+            return Variant(
+                name,
+                "se",
+                num_experts=_positive_int(k_text),
+                mask_structure=structure or "0:0",
+                sparsity=float(sparsity_text) if sparsity_text else None,
+                options=options,
+            )
+    except ValueError:
+        pass
+    raise SystemExit(f"unknown variant {name!r}; the forms are listed in --help")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _is_structure(text: str) -> bool:
+    n, colon, m = text.partition(":")
+    return bool(colon) and n.isdigit() and m.isdigit()
+
+
+def checked_variants(names: list[str], already_measured: set[str]) -> list[Variant]:
+    """Parse every variant and check that each ``random:K`` / ``time:K`` / ``wd:K`` finds its model.
+
+    Checked before the model loads: a typo or a missing ``se:K`` at the end of a list used to stop a
+    run hours in, after every earlier variant had been paid for.
+    """
+    variants = [parse_variant(name) for name in names]
+    built: set[int] = set()
+    for variant in variants:
+        if variant.reusable and variant.name not in already_measured:
+            built.add(variant.num_experts)
+        if variant.kind not in REUSING_KINDS or variant.name in already_measured:
+            continue
+        source = f"se:{variant.num_experts}"
+        if variant.num_experts not in built:
+            if source in already_measured:
+                why = f"{source} is already in the --resume file, so its model is not rebuilt"
+            elif f"random:{variant.num_experts}" in names[: names.index(variant.name)]:
+                why = f"random:{variant.num_experts} before it replaced that model's routing"
+            else:
+                why = f"no {source} comes before it"
+            raise SystemExit(
+                f"variant {variant.name!r} reuses the model of {source}, but {why}. "
+                f"Put {source} before it (and random:K after every other use), or write to another --output."
+            )
+        if variant.kind == "random":
+            built.discard(variant.num_experts)  # its routing is replaced and the model freed
+    return variants
+
+
+def experts_reused(variants: list[Variant]) -> set[int]:
     """The K of every ``se:K`` model a later variant (``random:K``, ``time:K``, ``wd:K``) reuses.
 
     Only those models are kept after their row (the others are freed by ``release_weights``):
     an expanded model is large (SmolLM2 at K = 64 holds about 11 GB of experts), and two of them ran a
     23 GiB machine out of memory (``se:64 se:64:2:4`` in one run).
     """
-    return {int(v.partition(":")[2]) for v in variants if v.partition(":")[0] in REUSING_KINDS}
+    return {v.num_experts for v in variants if v.kind in REUSING_KINDS}
 
 
 def parse_value(text: str) -> Any:
@@ -237,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and args.output and args.output.exists():  # checked first: a mismatch fails in seconds
         results = rows_to_resume(args.output, args)
         logger.info("resuming: %s already measured", [r["variant"] for r in results])
+    done = {r["variant"] for r in results}
+    variants = checked_variants(args.variants, done)
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
@@ -257,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, args.calibration_samples, args.seq_len, args.seed, args.calibration_draw
     )
     expanded: dict[int, torch.nn.Module] = {}
-    reused = experts_reused(args.variants)
+    reused = experts_reused(variants)
 
     def compress(modifier: Any) -> tuple[torch.nn.Module, float]:
         """A fresh copy of the model compressed by ``modifier``: every variant sees the same windows."""
@@ -297,83 +398,77 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"args": recorded_args(args), "results": results}
             atomic_write_text(args.output, json.dumps(payload, indent=1))
 
-    done = {r["variant"] for r in results}
-    for variant in args.variants:
-        if variant in done:
+    for variant in variants:
+        if variant.name in done:
             continue
-        base_variant, *extras = variant.split("+")
-        kind, _, spec = base_variant.partition(":")
-        variant_options = {**se_options, **{k: parse_value(v) for k, v in (e.split("=", 1) for e in extras)}}
-        if kind == "dense":
+        if variant.kind == "dense":
             record("dense", dense, None)
-        elif kind.startswith(("sparsegpt", "wanda")):
-            structure = variant.partition("-")[2] or "0:0"
-            method = SparseGPTModifier if kind.startswith("sparsegpt") else WandaPruningModifier
-            modifier = method(sparsity=args.sparsity, mask_structure=structure, targets=MLP_TARGETS)
+        elif variant.kind in PRUNING_KINDS:
+            method = SparseGPTModifier if variant.kind == "sparsegpt" else WandaPruningModifier
+            modifier = method(
+                sparsity=args.sparsity, mask_structure=variant.mask_structure, targets=MLP_TARGETS
+            )
             model, seconds = compress(modifier)
-            record(variant, model, seconds)
+            record(variant.name, model, seconds)
             release_weights(model)
             del model
-        elif kind == "se":
-            k_text, _, sparsity_text = spec.partition("@")
-            k_text, _, structure = k_text.partition(":")
-            k = int(k_text)
-            sparsity = float(sparsity_text) if sparsity_text else args.sparsity
+        elif variant.kind == "se":
+            variant_options = {**se_options, **dict(variant.options)}
             se_modifier = SparseExpansionModifier(
-                num_experts=k,
-                sparsity=sparsity,
-                mask_structure=structure or "0:0",
+                num_experts=variant.num_experts,
+                sparsity=args.sparsity if variant.sparsity is None else variant.sparsity,
+                mask_structure=variant.mask_structure,
                 seed=args.seed,
                 **variant_options,
             )
             model, seconds = compress(se_modifier)
             cost = expansion_cost(model).as_dict()
             record(
-                variant,
+                variant.name,
                 model,
                 seconds,
                 cost=cost,
                 options=variant_options,
                 clusters=se_modifier.cluster_summary(),
             )
-            if k in reused and not structure and not sparsity_text and not extras:
-                expanded[k] = model
+            if variant.reusable and variant.num_experts in reused:
+                expanded[variant.num_experts] = model
             else:
                 release_weights(model)
             del model
-        elif kind == "random":
-            model = expanded[int(spec)]
+        elif variant.kind == "random":
+            model = expanded[variant.num_experts]
             randomize_routing(model, args.seed)  # run wd:K before this: it uses the routers
-            record(variant, model, None)
-            release_weights(expanded.pop(int(spec)))
-        elif kind == "time":
+            record(variant.name, model, None)
+            release_weights(expanded.pop(variant.num_experts))
+        elif variant.kind == "time":
             from sparse_expansion_plugin.sparse_expansion.layer import materialize_experts
 
             ids = token_windows(tokenizer, "evaluation", args.seq_len, 8)
-            model = expanded[int(spec)]
+            model = expanded[variant.num_experts]
             dense_s = median_forward_seconds(dense, ids, repeats=2)
             compact_s = median_forward_seconds(model, ids, repeats=2)
             extra_bytes = materialize_experts(model)
             materialized_s = median_forward_seconds(model, ids, repeats=2)
             materialize_experts(model, enable=False)
             row = {
-                "variant": variant,
+                "variant": variant.name,
                 "dense_forward_s": dense_s,
                 "ratio_compact": compact_s / dense_s,
                 "ratio_materialized": materialized_s / dense_s,
                 "materialized_bytes": extra_bytes,
             }
             results.append(row)
-            logger.info("%s: %s", variant, row)
+            logger.info("%s: %s", variant.name, row)
             save()
-        elif kind == "wd":
+        elif variant.kind == "wd":
             windows = token_windows(tokenizer, "evaluation", args.seq_len, args.wd_windows)
-            summary, rows = wd_within_clusters(dense, expanded[int(spec)], windows, top=0.01, seed=args.seed)
-            results.append({"variant": variant, "wd": summary, "wd_layers": rows})
-            logger.info("%s: %s", variant, summary)
+            summary, rows = wd_within_clusters(
+                dense, expanded[variant.num_experts], windows, top=0.01, seed=args.seed
+            )
+            results.append({"variant": variant.name, "wd": summary, "wd_layers": rows})
+            logger.info("%s: %s", variant.name, summary)
             save()
-        else:
-            raise SystemExit(f"unknown variant {variant!r}; see --help")
 
     print(
         f"\nSparse Expansion quality: {args.model}, {args.calibration_samples}x{args.seq_len} calibration tokens, "

@@ -7,6 +7,7 @@ together."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -94,4 +95,78 @@ def test_main_refuses_before_loading_a_model(quality, tmp_path, monkeypatch):
     ],
 )
 def test_only_models_a_later_variant_reuses_are_kept(quality, variants, kept):
-    assert quality.experts_reused(variants) == kept
+    assert quality.experts_reused(quality.checked_variants(variants, set())) == kept
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("dense", {"kind": "dense", "num_experts": 0, "mask_structure": "0:0", "sparsity": None}),
+        ("sparsegpt-2:4", {"kind": "sparsegpt", "mask_structure": "2:4"}),
+        ("wanda", {"kind": "wanda", "mask_structure": "0:0"}),
+        (
+            "se:16",
+            {"kind": "se", "num_experts": 16, "mask_structure": "0:0", "sparsity": None, "options": ()},
+        ),
+        ("se:64:2:4", {"kind": "se", "num_experts": 64, "mask_structure": "2:4"}),
+        ("se:2@0.75", {"kind": "se", "num_experts": 2, "sparsity": 0.75}),
+        (
+            "se:16+prior_tokens=1024+router_space=pca",
+            {"num_experts": 16, "options": (("prior_tokens", 1024), ("router_space", "pca"))},
+        ),
+        ("random:16", {"kind": "random", "num_experts": 16}),
+        ("wd:4", {"kind": "wd", "num_experts": 4}),
+    ],
+)
+def test_variant_names_parse_into_their_parts(quality, name, fields):
+    variant = quality.parse_variant(name)
+    assert {key: getattr(variant, key) for key in fields} == fields
+    assert variant.reusable == (name == "se:16")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "se16",
+        "se:0",
+        "se:x",
+        "se:16:2",
+        "se:16@half",
+        "se:16+prior_tokens",
+        "sparsegpt-24",
+        "random:",
+        "tim:4",
+    ],
+)
+def test_an_unknown_variant_is_refused_by_name(quality, name):
+    with pytest.raises(SystemExit, match=f"unknown variant '{re.escape(name)}'"):
+        quality.parse_variant(name)
+
+
+@pytest.mark.parametrize(
+    ("variants", "measured", "why"),
+    [
+        (["dense", "random:16"], set(), "no se:16 comes before it"),
+        (["random:16", "se:16"], set(), "no se:16 comes before it"),
+        (["se:16+prior_tokens=0", "wd:16"], set(), "no se:16 comes before it"),
+        (["se:16", "random:16", "wd:16"], set(), "random:16 before it"),
+        (["se:16", "wd:16"], {"se:16"}, "already in the --resume file"),
+    ],
+)
+def test_a_variant_whose_model_will_not_exist_is_refused_before_the_run(quality, variants, measured, why):
+    with pytest.raises(SystemExit, match=why):
+        quality.checked_variants(variants, measured)
+
+
+def test_a_resumed_reuse_needs_nothing_when_it_is_measured_too(quality):
+    names = ["se:16", "random:16", "se:4"]
+    assert [v.name for v in quality.checked_variants(names, {"se:16", "random:16"})] == names
+
+
+def test_main_refuses_an_unknown_variant_before_loading_a_model(quality, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the variants were checked")
+
+    monkeypatch.setattr(quality, "load_model_and_tokenizer", no_model)
+    with pytest.raises(SystemExit, match="unknown variant 'se:16:24'"):
+        quality.main(BASE + ["--variants", "dense", "sparsegpt", "se:16:24"])
