@@ -244,6 +244,20 @@ def randomize_routing(model: torch.nn.Module, seed: int) -> None:
             router.scores = scores  # type: ignore[method-assign]
 
 
+def routing_router(expanded: torch.nn.Module, name: str) -> Any:
+    """The router that routes the expanded linear ``name``: its own, or its MLP block's.
+
+    Gate and up are routed by the block's router (``<mlp>.se_router``) whenever they share one, which is
+    the default; only a layer that routes its own input has ``.router``.
+    """
+    from sparse_expansion_plugin.sparse_expansion.spec import BLOCK_ROUTER
+
+    layer = expanded.get_submodule(name)
+    if layer.router is not None:
+        return layer.router
+    return getattr(expanded.get_submodule(name.rpartition(".")[0]), BLOCK_ROUTER)
+
+
 @torch.no_grad()
 def wd_within_clusters(
     dense: torch.nn.Module, expanded: torch.nn.Module, windows: torch.Tensor, top: float, seed: int
@@ -257,7 +271,7 @@ def wd_within_clusters(
     handles = []
     for block in ffn_blocks(dense):
         gate = block.gate or block.inputs[0]
-        router = expanded.get_submodule(gate).router
+        router = routing_router(expanded, gate)
 
         def hook(module, args, output, router=router, layer=block.layer_index):
             x = args[0].reshape(-1, args[0].shape[-1])

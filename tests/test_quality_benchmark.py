@@ -7,11 +7,13 @@ together."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
-from conftest import benchmark_module
+import torch
+from conftest import benchmark_module, make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,31 @@ def test_main_refuses_an_unknown_variant_before_loading_a_model(quality, monkeyp
     monkeypatch.setattr(quality, "load_model_and_tokenizer", no_model)
     with pytest.raises(SystemExit, match="unknown variant 'se:16:24'"):
         quality.main(BASE + ["--variants", "dense", "sparsegpt", "se:16:24"])
+
+
+def test_wd_check_uses_the_routing_the_expanded_model_uses(quality, tmp_path):
+    """``wd:K`` reads each gate's routing from the router that routes it (the MLP block's by default).
+
+    Independent check: with that router sending every token to one expert, "within clusters" must be the
+    WD over all tokens; had the check used any other routing, the two would differ.
+    """
+    from test_sparse_expansion import VOCAB, compress
+
+    from sparse_expansion_plugin.sparse_expansion.modifier import SparseExpansionModifier
+
+    path = tmp_path / "tiny"
+    make_tiny_llama(layers=2, hidden=32, intermediate=64, vocab=VOCAB).save_pretrained(path)
+    dense = make_tiny_llama(layers=2, hidden=32, intermediate=64, vocab=VOCAB)
+    expanded = compress(path, [SparseExpansionModifier(num_experts=2, sparsity=0.5, seed=0)])
+    windows = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+
+    summary, rows = quality.wd_within_clusters(dense, expanded, windows, top=0.1, seed=0)
+    assert [row["layer"] for row in rows] == [0, 1]
+    assert all(math.isfinite(value) for value in summary.values())
+
+    for layer in range(2):
+        router = quality.routing_router(expanded, f"model.layers.{layer}.mlp.gate_proj")
+        router.scores = lambda x, r=router: torch.eye(r.num_experts)[0].expand(x.shape[0], -1)
+    summary, rows = quality.wd_within_clusters(dense, expanded, windows, top=0.1, seed=0)
+    for row in rows:
+        assert row["wd_within_clusters"] == pytest.approx(row["wd_all_tokens"], rel=1e-6)
