@@ -54,6 +54,7 @@ from sparse_expansion_plugin.data.models import load_model_and_tokenizer
 from sparse_expansion_plugin.data.text import SOURCES, token_windows
 from sparse_expansion_plugin.evaluation.perplexity import token_perplexity
 from sparse_expansion_plugin.outputs import atomic_write_text
+from sparse_expansion_plugin.pruning.structure import check_sparsity, normalized_mask_structure
 
 MLP_TARGETS = [r"re:.*mlp\.(gate|up|down)_proj$"]
 logger = logging.getLogger("sparse_expansion_quality")
@@ -145,27 +146,27 @@ def parse_variant(name: str) -> Variant:
         if base == "dense" and not extras:
             return Variant(name, "dense")
         method, dash, structure = base.partition("-")
-        if method in PRUNING_KINDS and not extras and (not dash or _is_structure(structure)):
-            return Variant(name, method, mask_structure=structure or "0:0")
+        if method in PRUNING_KINDS and not extras:
+            return Variant(
+                name, method, mask_structure=normalized_mask_structure(structure) if dash else "0:0"
+            )
         kind, _, spec = base.partition(":")
         if kind in REUSING_KINDS and not extras:
             return Variant(name, kind, num_experts=_positive_int(spec))
         if kind == "se":
             head, _, sparsity_text = spec.partition("@")
             k_text, _, structure = head.partition(":")
-            if structure and not _is_structure(structure):
-                raise ValueError(structure)
             options = tuple((k, parse_value(v)) for k, v in (e.split("=", 1) for e in extras))
             return Variant(
                 name,
                 "se",
                 num_experts=_positive_int(k_text),
-                mask_structure=structure or "0:0",
-                sparsity=float(sparsity_text) if sparsity_text else None,
+                mask_structure=normalized_mask_structure(structure) if structure else "0:0",
+                sparsity=check_sparsity(float(sparsity_text)) if sparsity_text else None,
                 options=options,
             )
-    except ValueError:
-        pass
+    except ValueError as error:
+        raise SystemExit(f"unknown variant {name!r} ({error}); the forms are listed in --help") from None
     raise SystemExit(f"unknown variant {name!r}; the forms are listed in --help")
 
 
@@ -176,11 +177,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _is_structure(text: str) -> bool:
-    n, colon, m = text.partition(":")
-    return bool(colon) and n.isdigit() and m.isdigit()
-
-
 def checked_variants(names: list[str], already_measured: set[str]) -> list[Variant]:
     """Parse every variant and check that each ``random:K`` / ``time:K`` / ``wd:K`` finds its model.
 
@@ -189,6 +185,7 @@ def checked_variants(names: list[str], already_measured: set[str]) -> list[Varia
     """
     variants = [parse_variant(name) for name in names]
     built: set[int] = set()
+    randomized: set[int] = set()
     for variant in variants:
         if variant.reusable and variant.name not in already_measured:
             built.add(variant.num_experts)
@@ -198,7 +195,7 @@ def checked_variants(names: list[str], already_measured: set[str]) -> list[Varia
         if variant.num_experts not in built:
             if source in already_measured:
                 why = f"{source} is already in the --resume file, so its model is not rebuilt"
-            elif f"random:{variant.num_experts}" in names[: names.index(variant.name)]:
+            elif variant.num_experts in randomized:
                 why = f"random:{variant.num_experts} before it replaced that model's routing"
             else:
                 why = f"no {source} comes before it"
@@ -208,6 +205,7 @@ def checked_variants(names: list[str], already_measured: set[str]) -> list[Varia
             )
         if variant.kind == "random":
             built.discard(variant.num_experts)  # its routing is replaced and the model freed
+            randomized.add(variant.num_experts)
     return variants
 
 
