@@ -28,7 +28,10 @@ Seeds: ``--seed`` draws the calibration windows at random (seeded) from the
 whole calibration split (about 1,000 windows of 512 tokens of both texts), so
 each seed calibrates every method on different text; it also seeds k-means and
 the order ``oneshot`` shuffles samples in. ``--calibration-draw first`` takes the
-first windows instead (the demo's choice). The evaluation windows are the
+first windows instead (the demo's choice). With ``--calibration-samples`` equal to
+the split's window count (1,004 at 512 tokens) every seed calibrates on the same
+text, so seeds then differ only in k-means and in the shuffle order, which decides
+the tokens the router is fitted on. The evaluation windows are the
 first of the evaluation split, disjoint from all calibration text, the same for
 every seed, scored per text at each ``--eval-seq-lens`` (``--eval-tokens``
 tokens per text at each length).
