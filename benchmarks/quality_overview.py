@@ -63,7 +63,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ),
     ("K = 16 (default)", "131k"): seeds("2026-12-01/sweep/prior64_256x512_seed{s}.json", "se:16"),
     ("K = 16 (default)", "262k"): seeds("2026-12-01/sweep/prior64_512x512_seed{s}.json", "se:16"),
-    ("K = 16 (default)", "514k"): seeds("2026-12-06/whole_split_514k/u50_1004x512_seed{s}.json", "se:16")[:2],
+    ("K = 16 (default)", "514k"): seeds("2026-12-06/whole_split_514k/u50_1004x512_seed{s}.json", "se:16"),
     ("K = 64", "32k"): seeds("2026-12-06/k64_32k/k64_64x512_seed{s}.json", "se:64"),
     ("K = 64", "131k"): seeds("2026-12-03/k64/k64_256x512_seed{s}.json", "se:64")[:2]
     + [Source("2026-12-05/k64_131k/k64_256x512_seed2.json", "se:64")],
