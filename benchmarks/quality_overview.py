@@ -29,7 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"32k": 64, "131k": 256, "262k": 512, "514k": 1004}
 """Column label -> ``--calibration-samples`` (windows of 512 tokens). 514k is the whole bundled
 calibration split: every seed calibrates on the same 1,004 windows there, so its seeds differ only in
-k-means and sample order, and it has two seeds where it was run at all."""
+k-means and sample order. It was run for K = 16 and K = 64 only, 3 seeds each."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ("K = 64", "131k"): seeds("2026-12-03/k64/k64_256x512_seed{s}.json", "se:64")[:2]
     + [Source("2026-12-05/k64_131k/k64_256x512_seed2.json", "se:64")],
     ("K = 64", "262k"): seeds("2026-12-05/k64_262k/k64_512x512_seed{s}.json", "se:64"),
-    ("K = 64", "514k"): seeds("2026-12-06/k64_whole_split_514k/k64_1004x512_seed{s}.json", "se:64")[:2],
+    ("K = 64", "514k"): seeds("2026-12-06/k64_whole_split_514k/k64_1004x512_seed{s}.json", "se:64"),
     ("control: K = 16 experts, random routing", "32k"): seeds(
         "2026-12-01/sweep/prior64_random_64x512_seed{s}.json", "random:16"
     ),
