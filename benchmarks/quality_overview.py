@@ -29,7 +29,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = {"32k": 64, "131k": 256, "262k": 512, "514k": 1004}
 """Column label -> ``--calibration-samples`` (windows of 512 tokens). 514k is the whole bundled
 calibration split: every seed calibrates on the same 1,004 windows there, so its seeds differ only in
-k-means and sample order. It was run for K = 16 and K = 64 only, 3 seeds each."""
+k-means and sample order. It was run for K = 16 and K = 64 (3 seeds each) and K = 64 under 2:4
+(seed 0 only)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ("K = 64, 2:4", "32k"): seeds("2026-12-06/k64_32k/k64_64x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "131k"): seeds("2026-12-06/k64_2of4_131k/k64_2of4_256x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "262k"): seeds("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed{s}.json", "se:64:2:4"),
+    ("K = 64, 2:4", "514k"): [  # one seed: SparseGPT 2:4 and K = 64 2:4 together take 1 h 45 min each
+        Source("2026-12-07/k64_2of4_whole_split_514k/k64_2of4_1004x512_seed0.json", "se:64:2:4")
+    ],
 }
 
 
