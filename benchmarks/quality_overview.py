@@ -96,7 +96,7 @@ MANIFEST: dict[tuple[str, str], list[Source]] = {
     ("K = 64, 2:4", "32k"): seeds("2026-12-06/k64_32k/k64_64x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "131k"): seeds("2026-12-06/k64_2of4_131k/k64_2of4_256x512_seed{s}.json", "se:64:2:4"),
     ("K = 64, 2:4", "262k"): seeds("2026-12-06/k64_2of4_262k/k64_2of4_512x512_seed{s}.json", "se:64:2:4"),
-    ("K = 64, 2:4", "514k"): [  # one seed: SparseGPT 2:4 and K = 64 2:4 together take 1 h 45 min each
+    ("K = 64, 2:4", "514k"): [  # one seed: its two 2:4 rows took 2 h 38 min
         Source("2026-12-07/k64_2of4_whole_split_514k/k64_2of4_1004x512_seed0.json", "se:64:2:4")
     ],
 }
