@@ -302,6 +302,101 @@ def diagnose(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
         )
 
 
+def neuron_groups(
+    gate: torch.Tensor, up: torch.Tensor, groups: int, how: str, seed: int
+) -> list[torch.Tensor]:
+    """Indices of the intermediate neurons in each of ``groups`` groups: ``contiguous`` slices, or
+    ``kmeans`` of the neurons' unit [gate row, up row] (neurons that read the same input directions)."""
+    n = gate.shape[0]
+    if how == "contiguous":
+        return list(torch.arange(n).chunk(groups))
+    rows = unit(torch.cat([gate, up], dim=1)).double().numpy()
+    labels = torch.from_numpy(KMeans(n_clusters=groups, n_init=1, random_state=seed).fit(rows).labels_)
+    return [torch.nonzero(labels == g).flatten() for g in range(groups) if bool((labels == g).any())]
+
+
+def row_group_error(
+    mlp: Any,
+    gate_up: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    down_k: torch.Tensor,
+    x: torch.Tensor,
+    group_labels: list[torch.Tensor],
+    labels: torch.Tensor,
+) -> float:
+    """Relative output error of a block whose gate/up neurons are split into groups, each group with its
+    own routing (``group_labels[g]``) over its own experts ``(idx, gate_k, up_k)``; down routed by ``labels``."""
+    y = dense_block(mlp, x)
+    hidden = torch.empty(x.shape[0], mlp.gate_proj.weight.shape[0])
+    for (idx, g_k, u_k, _), lab in zip(gate_up, group_labels, strict=True):
+        for e in range(g_k.shape[0]):
+            rows = torch.nonzero(lab == e).flatten()
+            xe = x[rows]
+            hidden[rows[:, None], idx[None, :]] = F.silu(xe @ g_k[e].t()) * (xe @ u_k[e].t())
+    y_hat = torch.empty_like(y)
+    for e in range(down_k.shape[0]):
+        rows = labels == e
+        y_hat[rows] = hidden[rows] @ down_k[e].t()
+    return float(((y - y_hat) ** 2).sum() / (y**2).sum())
+
+
+def row_group_lever(
+    block: Block,
+    args: Any,
+    score: ClosedScore,
+    lab_c: torch.Tensor,
+    lab_e: torch.Tensor,
+    rows: list[dict[str, Any]],
+) -> None:
+    """Gate/up neurons split into G groups, each group routed by its own k-means over its own neurons'
+    pre-activations (PCA of ``unit token @ [gate_g; up_g]^T``), K experts per group: the same bytes and
+    FLOPs per token as K experts, but every group chooses its expert on what its neurons read.
+    Down keeps the block's default routing and experts (calibrated on the dense hidden state).
+    Unlike the feature maps above this is not foldable into one ``[K, d]`` router: it would need G
+    routers per block in the saved format. Control: every group given the block's default routing
+    (differs from the default row only by SparseGPT's block-wide threshold, now taken per group)."""
+    layer, mlp, xc, xe, uc, ue, pca, _ = astuple_shallow(block)
+    k, tau = args.experts, args.prior_tokens
+    gate, up, down = (m.weight.detach().float() for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    hidden_cal = F.silu(xc @ gate.t()) * (xc @ up.t())
+    down_k = experts(down, hidden_cal, lab_c, k, tau)
+    seen = score.seen
+
+    def scored(
+        name: str, groups: list[torch.Tensor], labels: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        t0 = time.perf_counter()
+        gate_up = [
+            (idx, experts(gate[idx], xc, lc, k, tau), experts(up[idx], xc, lc, k, tau), lc)
+            for idx, (lc, _) in zip(groups, labels, strict=True)
+        ]
+        held = row_group_error(mlp, gate_up, down_k, xe, [le for _, le in labels], lab_e)
+        cal = row_group_error(mlp, gate_up, down_k, xc[seen], [lc[seen] for lc, _ in labels], lab_c[seen])
+        row = {
+            "layer": layer,
+            "variant": name,
+            "closed": 1 - held / score.base_eval,
+            "closed_on_calibration": 1 - cal / score.base_seen,
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        print(
+            f"layer {layer}: {name:34s} held-out {row['closed']:+.1%}  calibration tokens "
+            f"{row['closed_on_calibration']:+.1%} ({row['seconds']:.0f} s)",
+            flush=True,
+        )
+
+    for how in args.group_by:
+        for g in args.row_groups:
+            groups = neuron_groups(gate, up, g, how, args.seed)
+            if g == args.row_groups[0] and how == args.group_by[0]:
+                scored(f"control: {g} {how} groups, block routing", groups, [(lab_c, lab_e)] * len(groups))
+            labels = []
+            for idx in groups:
+                both = torch.cat([gate[idx], up[idx]])
+                labels.append(assign(lambda u, both=both: u @ both.t(), uc, ue, k, pca, args.seed))
+            scored(f"{g} {how} groups, own routing", groups, labels)
+
+
 def levers(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
     """Default router, K = ``--experts``: levers against experts that overfit their cluster's tokens.
 
@@ -311,6 +406,8 @@ def levers(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
     - a stronger count prior (``--lever-prior-tokens``): each cluster Hessian shrunk harder to the layer's;
     - soft Hessians (``--soft-scales``): each token also counted in its second-nearest cluster's Hessian,
       with a share that falls with the gap between the two squared distances (routing stays hard).
+    - row groups (``--row-groups``, ``--group-by``): gate/up neurons in groups, each routed on its own
+      neurons' pre-activations (:func:`row_group_lever`).
     Each scored on held-out tokens and on calibration tokens (the gap is overfitting)."""
     layer, mlp, xc, xe, uc, ue, pca, stock = astuple_shallow(block)
     score = ClosedScore(mlp, xc, xe, stock, args.seed)
@@ -339,6 +436,8 @@ def levers(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
             variants[f"soft Hessians, scale {scale:g}"] = partial(
                 soft_block_experts, (gate, up, down), (xc, xc, hidden), first, second, share, k, tau
             )
+    if "row-groups" in args.lever_names:
+        row_group_lever(block, args, score, lab_c, lab_e, rows)
     for name, build in variants.items():
         t0 = time.perf_counter()
         weights = build()
@@ -379,6 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--soft-scales", type=float, nargs="+", default=[1.0], help="soft Hessians' gap scales"
+    )
+    parser.add_argument(
+        "--row-groups", type=int, nargs="+", default=[4, 16], help="lever row-groups: gate/up neuron groups"
+    )
+    parser.add_argument(
+        "--group-by",
+        nargs="+",
+        choices=["contiguous", "kmeans"],
+        default=["contiguous"],
+        help="lever row-groups: how neurons are grouped",
     )
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)

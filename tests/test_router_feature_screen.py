@@ -104,3 +104,44 @@ def test_soft_hessians_with_no_share_are_the_hard_clusters(screen):
     torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)
     shared = screen.soft_experts(weight, x, first, second, torch.full((300,), 0.4), 3, 64.0)
     assert not torch.allclose(shared, hard, atol=1e-3)  # the share does reach the Hessians
+
+
+def test_row_group_error_matches_a_per_token_loop(screen):
+    """Each token's hidden state takes every neuron group's rows from that group's own expert, and the
+    down projection from the block's expert: written out token by token, row by row, in float64."""
+    mlp = tiny_mlp(d=8, inter=12, seed=3)
+    gate, up = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+    down = mlp.down_proj.weight.detach()
+    x = torch.randn(40, 8)
+    k = 3
+    groups = [torch.tensor([0, 5, 7, 9]), torch.tensor([1, 2, 3, 4, 6, 8, 10, 11])]
+    group_labels = [torch.randint(0, k, (40,)), torch.randint(0, k, (40,))]
+    gate_up = [
+        (
+            idx,
+            gate[idx] * (torch.rand(k, len(idx), 8) > 0.5),
+            up[idx] * (torch.rand(k, len(idx), 8) > 0.5),
+            None,
+        )
+        for idx in groups
+    ]
+    down_k = down * (torch.rand(k, *down.shape) > 0.5)
+    labels = torch.randint(0, k, (40,))
+    err, norm = 0.0, 0.0
+    for t in range(40):
+        g_t, u_t = gate.clone(), up.clone()
+        for (idx, g_k, u_k, _), lab in zip(gate_up, group_labels, strict=True):
+            g_t[idx], u_t[idx] = g_k[int(lab[t])], u_k[int(lab[t])]
+        y = slow_block(x[t], gate, up, down)
+        err += float(((y - slow_block(x[t], g_t, u_t, down_k[int(labels[t])])) ** 2).sum())
+        norm += float((y**2).sum())
+    got = screen.row_group_error(mlp, gate_up, down_k, x, group_labels, labels)
+    assert got == pytest.approx(err / norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("how", ["contiguous", "kmeans"])
+def test_neuron_groups_partition_the_neurons(screen, how):
+    mlp = tiny_mlp(d=8, inter=24, seed=4)
+    groups = screen.neuron_groups(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), 4, how, 0)
+    assert 1 < len(groups) <= 4
+    assert torch.equal(torch.cat(groups).sort().values, torch.arange(24))
