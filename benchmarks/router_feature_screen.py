@@ -302,6 +302,19 @@ def diagnose(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
         )
 
 
+def record_lever(
+    rows: list[dict[str, Any]], layer: int, name: str, closed: dict[str, float], t0: float
+) -> None:
+    """Append one lever's row (error closed held-out and on calibration tokens, seconds since ``t0``) and print it."""
+    row = {"layer": layer, "variant": name, **closed, "seconds": time.perf_counter() - t0}
+    rows.append(row)
+    print(
+        f"layer {layer}: {name:34s} held-out {row['closed']:+.1%}  calibration tokens "
+        f"{row['closed_on_calibration']:+.1%} ({row['seconds']:.0f} s)",
+        flush=True,
+    )
+
+
 def neuron_groups(
     gate: torch.Tensor, up: torch.Tensor, groups: int, how: str, seed: int
 ) -> list[torch.Tensor]:
@@ -371,19 +384,8 @@ def row_group_lever(
         ]
         held = row_group_error(mlp, gate_up, down_k, xe, [le for _, le in labels], lab_e)
         cal = row_group_error(mlp, gate_up, down_k, xc[seen], [lc[seen] for lc, _ in labels], lab_c[seen])
-        row = {
-            "layer": layer,
-            "variant": name,
-            "closed": 1 - held / score.base_eval,
-            "closed_on_calibration": 1 - cal / score.base_seen,
-            "seconds": time.perf_counter() - t0,
-        }
-        rows.append(row)
-        print(
-            f"layer {layer}: {name:34s} held-out {row['closed']:+.1%}  calibration tokens "
-            f"{row['closed_on_calibration']:+.1%} ({row['seconds']:.0f} s)",
-            flush=True,
-        )
+        closed = {"closed": 1 - held / score.base_eval, "closed_on_calibration": 1 - cal / score.base_seen}
+        record_lever(rows, layer, name, closed, t0)
 
     for how in args.group_by:
         for g in args.row_groups:
@@ -441,18 +443,7 @@ def levers(block: Block, args: Any, rows: list[dict[str, Any]]) -> None:
     for name, build in variants.items():
         t0 = time.perf_counter()
         weights = build()
-        row = {
-            "layer": layer,
-            "variant": name,
-            **score(weights, lab_c, lab_e),
-            "seconds": time.perf_counter() - t0,
-        }
-        rows.append(row)
-        print(
-            f"layer {layer}: {name:28s} held-out {row['closed']:+.1%}  calibration tokens "
-            f"{row['closed_on_calibration']:+.1%} ({row['seconds']:.0f} s)",
-            flush=True,
-        )
+        record_lever(rows, layer, name, score(weights, lab_c, lab_e), t0)
 
 
 def main(argv: list[str] | None = None) -> int:
