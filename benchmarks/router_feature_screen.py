@@ -330,7 +330,7 @@ def neuron_groups(
 
 def row_group_error(
     mlp: Any,
-    gate_up: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    gate_up: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     down_k: torch.Tensor,
     x: torch.Tensor,
     group_labels: list[torch.Tensor],
@@ -340,7 +340,7 @@ def row_group_error(
     own routing (``group_labels[g]``) over its own experts ``(idx, gate_k, up_k)``; down routed by ``labels``."""
     y = dense_block(mlp, x)
     hidden = torch.empty(x.shape[0], mlp.gate_proj.weight.shape[0])
-    for (idx, g_k, u_k, _), lab in zip(gate_up, group_labels, strict=True):
+    for (idx, g_k, u_k), lab in zip(gate_up, group_labels, strict=True):
         for e in range(g_k.shape[0]):
             rows = torch.nonzero(lab == e).flatten()
             xe = x[rows]
@@ -379,7 +379,7 @@ def row_group_lever(
     ) -> None:
         t0 = time.perf_counter()
         gate_up = [
-            (idx, experts(gate[idx], xc, lc, k, tau), experts(up[idx], xc, lc, k, tau), lc)
+            (idx, experts(gate[idx], xc, lc, k, tau), experts(up[idx], xc, lc, k, tau))
             for idx, (lc, _) in zip(groups, labels, strict=True)
         ]
         held = row_group_error(mlp, gate_up, down_k, xe, [le for _, le in labels], lab_e)

@@ -121,7 +121,6 @@ def test_row_group_error_matches_a_per_token_loop(screen):
             idx,
             gate[idx] * (torch.rand(k, len(idx), 8) > 0.5),
             up[idx] * (torch.rand(k, len(idx), 8) > 0.5),
-            None,
         )
         for idx in groups
     ]
@@ -130,7 +129,7 @@ def test_row_group_error_matches_a_per_token_loop(screen):
     err, norm = 0.0, 0.0
     for t in range(40):
         g_t, u_t = gate.clone(), up.clone()
-        for (idx, g_k, u_k, _), lab in zip(gate_up, group_labels, strict=True):
+        for (idx, g_k, u_k), lab in zip(gate_up, group_labels, strict=True):
             g_t[idx], u_t[idx] = g_k[int(lab[t])], u_k[int(lab[t])]
         y = slow_block(x[t], gate, up, down)
         err += float(((y - slow_block(x[t], g_t, u_t, down_k[int(labels[t])])) ** 2).sum())
